@@ -1,0 +1,1 @@
+"""Cluster side: the job config, Ray start-up and pool placement, metrics wiring."""

@@ -1,0 +1,383 @@
+"""The job configuration: one pydantic model for the whole run, loaded from YAML with dotted overrides.
+
+Every field has a default or is required; the model is validated once (field types and ranges by pydantic, relations
+between fields by `_cross_field_problems`) and frozen. Any problem is reported as one line naming the dotted field,
+the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SAMPLER_KINDS = ("ode", "sde", "dance", "cps", "sde_exact")
+TRAINABLE_KINDS = ("sde", "dance", "cps", "sde_exact")
+
+
+class ConfigError(Exception):
+    """A configuration that cannot run: one human-readable line per problem."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = problems
+        self.source = source
+        prefix = f"{source}: " if source else ""
+        super().__init__("\n".join(f"config error: {prefix}{p}" for p in problems))
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class ModelConfig(Section):
+    """Which model to load and how."""
+
+    family: Literal["flux", "sd3"]
+    path: str = Field(description="a local diffusers folder or a hub id")
+    build_tiny: bool = Field(False, description="build the offline tiny model of this family at `path` if it is missing")
+    tiny_seed: int = 0
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    allow_download: bool = Field(False, description="let from_pretrained fetch a hub id (off: local folder or cache only)")
+    resolution: int = Field(512, ge=16, description="image height and width in pixels, a multiple of 16")
+    max_sequence_length: int = Field(512, ge=1, le=512)
+
+
+class FastWindow(Section):
+    """Fast variant: ODE everywhere but `size` consecutive stochastic steps in the first half, drawn per batch."""
+
+    size: int = Field(2, ge=1)
+
+
+class SamplerConfig(Section):
+    """The training rollouts' step rule (MATH.md "Step rules")."""
+
+    kind: Literal["ode", "sde", "dance", "cps", "sde_exact"] = "cps"
+    noise_level: float = Field(0.7, ge=0.0, description="a for sde/sde_exact, eta for dance and cps")
+    log_prob_form: Optional[Literal["gaussian", "squared"]] = Field(
+        None, description="None: gaussian for sde/dance/sde_exact, squared for cps")
+    num_steps: int = Field(10, ge=2, description="denoising steps of a training rollout")
+    trained_steps: Optional[int] = Field(None, ge=1, description="steps trained per trajectory; None: num_steps - 1")
+    guidance_scale: float = Field(4.5, ge=0.0, description="SD3: true CFG scale; FLUX: the guidance embedding")
+    same_initial_noise: bool = Field(False, description="one initial noise for the whole group")
+    fast_window: Optional[FastWindow] = None
+
+
+class PoolConfig(Section):
+    """Resources of one pool of Ray actors."""
+
+    num_actors: int = Field(1, ge=1)
+    num_gpus_per_actor: float = Field(0.0, ge=0.0)
+    num_cpus_per_actor: float = Field(1.0, gt=0.0)
+
+
+class RolloutConfig(PoolConfig):
+    samples_per_forward: int = Field(8, ge=1, description="trajectories batched into one transformer forward")
+    max_restarts: int = Field(3, ge=0)
+
+
+class RewardSpec(Section):
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
+    weight: float = 1.0
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class RewardsConfig(PoolConfig):
+    scorers: list[RewardSpec] = Field(min_length=1)
+    timeout_s: float = Field(120.0, gt=0.0)
+    max_retries: int = Field(2, ge=0)
+
+
+class LoraConfig(Section):
+    rank: int = Field(64, ge=1)
+    alpha: float = Field(128.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(min_length=1)
+
+
+class EmaConfig(Section):
+    enabled: bool = True
+    every: int = Field(8, ge=1, description="optimizer steps between EMA updates")
+
+
+class LearnerConfig(PoolConfig):
+    """DeepSpeed ZeRO GRPO learner (MATH.md "GRPO")."""
+
+    zero_stage: Literal[2, 3] = 2
+    precision: Literal["fp32", "bf16"] = "bf16"
+    finetune: Literal["lora", "full"] = "lora"
+    lora: Optional[LoraConfig] = None
+    reference_copy: bool = Field(False, description="keep a frozen copy as the KL reference (full fine-tuning)")
+    lr: float = Field(3e-4, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0)
+    clip_range: float = Field(1e-4, gt=0.0)
+    beta: float = Field(0.0, ge=0.0, description="KL weight")
+    updates_per_iteration: int = Field(2, ge=1)
+    micro_batch_size: int = Field(1, ge=1, description="samples per learner rank per forward")
+    gradient_checkpointing: bool = False
+    advantage_std: Literal["global", "group"] = "global"
+    advantage_clip: float = Field(5.0, gt=0.0)
+    drop_zero_advantage: bool = False
+    mode: Literal["sync", "overlapped"] = "sync"
+    max_staleness: int = Field(1, ge=0, description="overlapped mode: policy versions a rollout may lag")
+    ema: EmaConfig = EmaConfig()
+
+
+class DataConfig(Section):
+    """Training prompts and batch shape."""
+
+    source: Literal["builtin", "text", "geneval_jsonl", "geneval_generate"] = "builtin"
+    path: Optional[str] = Field(None, description="prompt file for source text / geneval_jsonl")
+    num_prompts: int = Field(10000, ge=1, description="prompts to generate for source geneval_generate")
+    exclude_path: Optional[str] = Field(None, description="GenEval test file that training prompts must not overlap")
+    group_size: int = Field(24, ge=2, description="samples per prompt (G)")
+    images_per_iteration: int = Field(1152, ge=2)
+    shuffle: bool = True
+
+
+class EvalConfig(Section):
+    every_n_iterations: int = Field(0, ge=0, description="0: no evaluation")
+    num_steps: int = Field(28, ge=2, description="ODE steps of an evaluation image")
+    source: Literal["builtin", "text", "geneval_jsonl"] = "builtin"
+    path: Optional[str] = None
+    num_prompts: Optional[int] = Field(None, ge=1, description="None: every prompt of the source")
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+
+
+class CheckpointConfig(Section):
+    every_n_iterations: int = Field(0, ge=0, description="0: only at the end")
+    keep_last: int = Field(2, ge=1)
+    resume: str = Field("none", description="'none', 'auto' (latest in output_dir) or a checkpoint folder")
+
+
+class MetricsConfig(Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9400, ge=0, le=65535, description="0: any free port")
+    prefix: str = Field("flowrl_", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+class RayConfig(Section):
+    address: Optional[str] = Field(None, description="None: RAY_ADDRESS if set (ray job submit), else start a local Ray")
+    num_cpus: Optional[int] = Field(None, ge=1, description="local Ray only; None: all cores")
+    num_gpus: Optional[int] = Field(None, ge=0, description="local Ray only; None: detected")
+    namespace: str = "flowrl"
+    include_dashboard: bool = False
+
+
+class JobConfig(Section):
+    """The whole job."""
+
+    run_name: str = Field("flowrl", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    iterations: int = Field(100, ge=1)
+    output_dir: str = "runs/flowrl"
+    model: ModelConfig
+    sampler: SamplerConfig = SamplerConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    rewards: RewardsConfig
+    learner: LearnerConfig = LearnerConfig()
+    data: DataConfig = DataConfig()
+    eval: EvalConfig = EvalConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _check_relations(self) -> "JobConfig":
+        problems = _cross_field_problems(self)
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    @property
+    def trained_steps(self) -> int:
+        """Steps trained per trajectory: the Fast window, the configured count, or all but the last."""
+        s = self.sampler
+        if s.fast_window is not None:
+            return s.fast_window.size
+        return s.trained_steps if s.trained_steps is not None else s.num_steps - 1
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _cross_field_problems(cfg: JobConfig) -> list[str]:
+    """Relations between fields that no single field can check."""
+    p: list[str] = []
+    s, d, lr = cfg.sampler, cfg.data, cfg.learner
+    n = s.num_steps
+
+    if s.kind == "ode":
+        p.append(f"sampler.kind = 'ode': the ODE step has no log-prob to train; "
+                 f"allowed for training: {', '.join(TRAINABLE_KINDS)}")
+    elif s.noise_level <= 0:
+        p.append(f"sampler.noise_level = {s.noise_level}: a {s.kind} rollout needs noise to have a log-prob; must be > 0")
+    if s.kind == "cps" and s.noise_level > 1:
+        p.append(f"sampler.noise_level = {s.noise_level}: CPS eta must lie in [0, 1]")
+    if s.trained_steps is not None and s.trained_steps > n - 1:
+        p.append(f"sampler.trained_steps = {s.trained_steps}: at most num_steps - 1 = {n - 1} of {n} steps are trained "
+                 f"(the last step is (near-)deterministic)")
+    if s.fast_window is not None:
+        if s.fast_window.size > n // 2:
+            p.append(f"sampler.fast_window.size = {s.fast_window.size}: the window must lie in the first half of the "
+                     f"{n} steps; allowed 1..{n // 2}")
+        if s.trained_steps is not None and s.trained_steps != s.fast_window.size:
+            p.append(f"sampler.trained_steps = {s.trained_steps}: with a Fast window only the window is trained; "
+                     f"leave it unset or equal to fast_window.size ({s.fast_window.size})")
+
+    if d.images_per_iteration % d.group_size:
+        p.append(f"data.images_per_iteration = {d.images_per_iteration}: must be a multiple of "
+                 f"data.group_size = {d.group_size} (whole groups only)")
+    per_update = lr.updates_per_iteration * lr.num_actors * lr.micro_batch_size
+    if d.images_per_iteration % per_update:
+        p.append(f"learner.micro_batch_size = {lr.micro_batch_size}: images_per_iteration "
+                 f"({d.images_per_iteration}) must split evenly into updates_per_iteration ({lr.updates_per_iteration})"
+                 f" x learner.num_actors ({lr.num_actors}) x micro_batch_size; "
+                 f"{d.images_per_iteration} is not a multiple of {per_update}")
+    if d.source in ("text", "geneval_jsonl") and not d.path:
+        p.append(f"data.path = None: source '{d.source}' reads prompts from a file; give its path")
+    if cfg.eval.source in ("text", "geneval_jsonl") and not cfg.eval.path:
+        p.append(f"eval.path = None: source '{cfg.eval.source}' reads prompts from a file; give its path")
+
+    if lr.finetune == "lora" and lr.lora is None:
+        p.append("learner.lora = None: finetune 'lora' needs a lora section (rank, alpha, target_modules)")
+    if lr.finetune == "full" and lr.beta > 0 and not lr.reference_copy:
+        p.append(f"learner.beta = {lr.beta}: full fine-tuning has no adapter to disable for the KL reference; "
+                 f"set learner.reference_copy=true (a frozen copy) or beta=0")
+
+    if cfg.model.resolution % 16:
+        p.append(f"model.resolution = {cfg.model.resolution}: must be a multiple of 16 (8x VAE, 2x2 patches)")
+
+    weights = [r.weight for r in cfg.rewards.scorers]
+    if all(w == 0 for w in weights):
+        p.append(f"rewards.scorers: every weight is 0 ({weights}); at least one scorer needs a non-zero weight")
+    names = [r.name for r in cfg.rewards.scorers]
+    for dup in sorted({x for x in names if names.count(x) > 1}):
+        p.append(f"rewards.scorers: '{dup}' is listed more than once; each scorer once, with its weight")
+
+    for pool in ("rollout", "rewards", "learner"):
+        g = getattr(cfg, pool).num_gpus_per_actor
+        if g > 1 and not float(g).is_integer():
+            p.append(f"{pool}.num_gpus_per_actor = {g}: above 1 Ray needs a whole number of GPUs")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-4` as a float (YAML 1.2), as users write learning rates."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+|\.inf|\.nan)$", re.X),
+    list("-+0123456789."),
+)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        loc = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError([f"{where}{loc}: not valid YAML ({problem})"]) from None
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Apply one `--set dotted.key=value` to the raw config mapping; the value is read as YAML."""
+    key, sep, raw = override.partition("=")
+    key = key.strip()
+    if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*", key):
+        raise ConfigError([f"--set {override!r}: expected dotted.key=value, e.g. --set learner.lr=1e-4"])
+    value = _parse_yaml(raw, f"--set {key}") if raw.strip() else ""
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError([f"--set {key}: {'.'.join(parts[:i + 1])} is a value, not a section"])
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: Union[str, Path], overrides: Iterable[str] = ()) -> JobConfig:
+    """Read a YAML job config, apply `--set` overrides, validate. Raises ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot read the config file ({e.strerror})"]) from None
+    data = _parse_yaml(text, str(path))
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path}: the top level must be a mapping of sections, not {type(data).__name__}"])
+    for o in overrides:
+        apply_override(data, o)
+    return validate_config(data, source=str(path))
+
+
+def validate_config(data: dict, source: str | None = None) -> JobConfig:
+    """Validate a raw mapping into a JobConfig, converting every problem into one line."""
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError([_describe(err) for err in e.errors()], source) from None
+    except ConfigError as e:
+        raise ConfigError(e.problems, source) from None
+
+
+def _describe(err: dict) -> str:
+    loc = [str(x) for x in err["loc"]]
+    field = ".".join(loc) or "(top level)"
+    kind = err["type"]
+    if kind == "missing":
+        return f"{field}: required, missing"
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(err["loc"][:-1])
+        hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
+        return f"{field}: unknown key{hint}"
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "{...}"
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f"{field} = {shown}: {err['msg']}"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The field names of the section at `loc`, for 'unknown key' messages."""
+    model: Any = JobConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = _section_type(field.annotation)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _section_type(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) is not None:
+        for arg in get_args(annotation):
+            found = _section_type(arg)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,62 @@
+"""Ray start-up: join a running cluster or start a local one on loopback, and check that the pools fit.
+
+Ray binds to the machine's network address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is in the environment before
+`import ray`; entry points set it first thing (see learner/main.py). This module imports ray lazily for that reason.
+"""
+
+from __future__ import annotations
+
+import os
+
+from cluster.config import JobConfig, RayConfig
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+class ClusterTooSmall(RuntimeError):
+    """The configured pools ask for more CPUs or GPUs than the Ray cluster has."""
+
+
+def start_ray(cfg: RayConfig) -> str:
+    """Connect to `cfg.address` or RAY_ADDRESS when given, else start a local Ray bound to 127.0.0.1; say which."""
+    import ray
+
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, namespace=cfg.namespace, log_to_driver=True)
+        return f"joined the Ray cluster at {address}"
+    if os.environ.get(LOOPBACK_ENV) != "0":
+        raise RuntimeError(f"{LOOPBACK_ENV}=0 must be set before `import ray`, or a local Ray listens on every address")
+    ray.init(
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+        include_dashboard=cfg.include_dashboard,
+        namespace=cfg.namespace,
+        _node_ip_address="127.0.0.1",
+        log_to_driver=True,
+    )
+    return "started a local Ray on 127.0.0.1"
+
+
+def pool_demand(cfg: JobConfig) -> dict[str, dict[str, float]]:
+    """CPUs and GPUs each pool asks for: actors x per-actor resources (the reward pool once per scorer)."""
+    pools = {"rollout": (cfg.rollout, 1), "rewards": (cfg.rewards, len(cfg.rewards.scorers)), "learner": (cfg.learner, 1)}
+    return {
+        name: {"CPU": pool.num_actors * copies * pool.num_cpus_per_actor,
+               "GPU": pool.num_actors * copies * pool.num_gpus_per_actor}
+        for name, (pool, copies) in pools.items()
+    }
+
+
+def check_pools_fit(cfg: JobConfig, available: dict[str, float]) -> None:
+    """Raise ClusterTooSmall, naming each pool's share, before any actor waits forever for resources."""
+    demand = pool_demand(cfg)
+    problems = []
+    for res in ("CPU", "GPU"):
+        total = sum(d[res] for d in demand.values())
+        have = float(available.get(res, 0.0))
+        if total > have + 1e-9:
+            parts = ", ".join(f"{name} {d[res]:g}" for name, d in demand.items())
+            problems.append(f"the pools need {total:g} {res}s ({parts}) but the Ray cluster has {have:g}")
+    if problems:
+        raise ClusterTooSmall("; ".join(problems) + "; lower the pools' num_actors / num_*_per_actor or add nodes")

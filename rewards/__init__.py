@@ -1,0 +1,1 @@
+"""Reward scorers behind one contract, and the reward-service actor pool."""

@@ -1,0 +1,1 @@
+"""Rollout side: sampling, model adapters, prompt sources."""

@@ -1,0 +1,247 @@
+"""Prompt sources (GenEval JSONL, plain text, a built-in demo set) and the deterministic group sampler."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class PromptFileError(ValueError):
+    """A prompt file is missing, unreadable or malformed; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt and whatever the reward needs to score it (the whole GenEval record, or {})."""
+
+    prompt: str
+    metadata: dict = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True)
+class PromptGroup:
+    """One prompt to be sampled group_size times, with one noise seed per sample."""
+
+    group_id: int
+    prompt: str
+    metadata: dict = field(hash=False)
+    seeds: tuple[int, ...]
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _read_text(path: str | Path) -> tuple[Path, str]:
+    """Read a UTF-8 file, turning every failure into a PromptFileError that names the path."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise PromptFileError(f"{p}: prompt file not found") from None
+    except IsADirectoryError:
+        raise PromptFileError(f"{p}: is a directory, expected a prompt file") from None
+    except OSError as e:
+        raise PromptFileError(f"{p}: cannot read prompt file ({e.strerror or e})") from None
+    try:
+        return p, data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise PromptFileError(f"{p}:{line}: not UTF-8 text (bad byte at offset {e.start})") from None
+
+
+def _check_objects(where: str, key: str, value: Any) -> None:
+    """Check an include/exclude list: objects with a string 'class' and an integer 'count' >= 1."""
+    allowed = f"'{key}' must be a list of objects like {{\"class\": \"dog\", \"count\": 1}}"
+    if not isinstance(value, list):
+        raise PromptFileError(f"{where}: {allowed}, got {type(value).__name__}")
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise PromptFileError(f"{where}: {key}[{i}] is {type(entry).__name__}; {allowed}")
+        cls = entry.get("class")
+        if not isinstance(cls, str) or not cls.strip():
+            raise PromptFileError(f"{where}: {key}[{i}] needs a non-empty string 'class', got {cls!r}")
+        count = entry.get("count")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise PromptFileError(f"{where}: {key}[{i}] needs an integer 'count' >= 1, got {count!r}")
+
+
+def read_geneval_jsonl(path: str | Path) -> list[PromptItem]:
+    """Read GenEval-style JSONL (one object per line with a 'prompt'), keeping each object as metadata."""
+    p, text = _read_text(path)
+    items: list[PromptItem] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{p}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise PromptFileError(
+                f"{where}: expected a JSON object with a 'prompt' string, got {type(obj).__name__}"
+            )
+        prompt = obj.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptFileError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r}")
+        tag = obj.get("tag")
+        if tag is not None and not isinstance(tag, str):
+            raise PromptFileError(f"{where}: 'tag' must be a string when present, got {tag!r}")
+        for key in ("include", "exclude"):
+            if key in obj:
+                _check_objects(where, key, obj[key])
+        items.append(PromptItem(prompt=prompt, metadata=obj))
+    if not items:
+        raise PromptFileError(f"{p}: no prompts found; expected one JSON object with a 'prompt' per line")
+    return items
+
+
+def read_text_prompts(path: str | Path) -> list[PromptItem]:
+    """Read one prompt per line, skipping blank lines and stripping surrounding whitespace."""
+    p, text = _read_text(path)
+    items = [PromptItem(prompt=line.strip()) for line in text.splitlines() if line.strip()]
+    if not items:
+        raise PromptFileError(f"{p}: no prompts found; expected one prompt per non-blank line")
+    return items
+
+
+_BUILTIN_COLORS = ("red", "green", "blue", "yellow")
+_BUILTIN_SHAPES = ("square", "circle", "triangle", "star")
+_BUILTIN_COUNTS = {1: "one", 2: "two"}
+
+
+def builtin_prompts() -> list[PromptItem]:
+    """A fixed set of 32 simple colour x shape x count prompts for the CPU demo (no files needed)."""
+    items = []
+    for count, word in _BUILTIN_COUNTS.items():
+        for color in _BUILTIN_COLORS:
+            for shape in _BUILTIN_SHAPES:
+                text = f"a photo of a {color} {shape}" if count == 1 else f"a photo of {word} {color} {shape}s"
+                meta = {"tag": "shapes", "count": count, "color": color, "shape": shape}
+                items.append(PromptItem(prompt=text, metadata=meta))
+    return items
+
+
+# --------------------------------------------------------------------------- sampler
+
+
+def _hash63(text: str) -> int:
+    """A 63-bit integer from blake2b, stable across processes and PYTHONHASHSEED."""
+    digest = hashlib.blake2b(text.encode("ascii"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def _require_int(name: str, value: Any) -> int:
+    """Return value if it is a plain int, else raise a TypeError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return value
+
+
+def sample_seed(run_seed: int, group_id: int, index: int) -> int:
+    """Noise seed of sample `index` in group `group_id`: blake2b-64 of "run_seed:group_id:index", top 63 bits."""
+    for name, v in (("run_seed", run_seed), ("group_id", group_id), ("index", index)):
+        _require_int(name, v)
+    return _hash63(f"{run_seed}:{group_id}:{index}")
+
+
+_STATE_KEYS = ("epoch", "position", "next_group_id")
+
+
+class GroupSampler:
+    """Yields prompt groups forever, epoch by epoch, as a pure function of (seed, epoch) so runs resume exactly."""
+
+    def __init__(self, items: Sequence[PromptItem], *, group_size: int, seed: int, shuffle: bool = True) -> None:
+        self._items = tuple(items)
+        if not self._items:
+            raise ValueError("GroupSampler needs at least one prompt; got an empty prompt list")
+        for i, item in enumerate(self._items):
+            if not isinstance(item, PromptItem):
+                raise TypeError(f"GroupSampler items must be PromptItem, item {i} is {type(item).__name__}")
+        if _require_int("group_size", group_size) < 1:
+            raise ValueError(f"group_size must be >= 1 (samples per prompt), got {group_size}")
+        self._group_size = group_size
+        self._seed = _require_int("seed", seed)
+        self._shuffle = bool(shuffle)
+        self._epoch = 0
+        self._position = 0
+        self._next_group_id = 0
+        self._order_epoch = -1
+        self._order: list[int] = []
+
+    @property
+    def group_size(self) -> int:
+        """Samples per group."""
+        return self._group_size
+
+    @property
+    def num_items(self) -> int:
+        """Prompts per epoch."""
+        return len(self._items)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """Item order for one epoch: a permutation drawn from a generator seeded only by (seed, epoch)."""
+        if self._order_epoch != epoch:
+            order = list(range(len(self._items)))
+            if self._shuffle:
+                random.Random(_hash63(f"epoch:{self._seed}:{epoch}")).shuffle(order)
+            self._order, self._order_epoch = order, epoch
+        return self._order
+
+    def next_group(self) -> PromptGroup:
+        """Return the next group and advance (wrapping into a freshly shuffled epoch)."""
+        item = self._items[self._epoch_order(self._epoch)[self._position]]
+        group_id = self._next_group_id
+        seeds = tuple(sample_seed(self._seed, group_id, i) for i in range(self._group_size))
+        self._next_group_id += 1
+        self._position += 1
+        if self._position == len(self._items):
+            self._epoch += 1
+            self._position = 0
+        return PromptGroup(group_id=group_id, prompt=item.prompt, metadata=copy.deepcopy(item.metadata), seeds=seeds)
+
+    def take(self, k: int) -> list[PromptGroup]:
+        """Return the next k groups."""
+        if _require_int("k", k) < 0:
+            raise ValueError(f"take(k) needs k >= 0, got {k}")
+        return [self.next_group() for _ in range(k)]
+
+    def __iter__(self) -> Iterator[PromptGroup]:
+        return self
+
+    def __next__(self) -> PromptGroup:
+        return self.next_group()
+
+    def state_dict(self) -> dict[str, int]:
+        """JSON-serialisable position: epoch, position within it, and the next group id."""
+        return {"epoch": self._epoch, "position": self._position, "next_group_id": self._next_group_id}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved state_dict(); the sampler must be built with the same items and seed."""
+        if not isinstance(state, dict):
+            raise ValueError(f"sampler state must be a dict with keys {list(_STATE_KEYS)}, got {type(state).__name__}")
+        missing = [k for k in _STATE_KEYS if k not in state]
+        unexpected = sorted(str(k) for k in state if k not in _STATE_KEYS)
+        if missing or unexpected:
+            raise ValueError(
+                f"bad sampler state: missing keys {missing}, unexpected keys {unexpected}; "
+                f"expected exactly {list(_STATE_KEYS)}"
+            )
+        for k in _STATE_KEYS:
+            v = state[k]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"bad sampler state: {k!r} must be an integer >= 0, got {v!r}")
+        if state["position"] >= len(self._items):
+            raise ValueError(
+                f"bad sampler state: position {state['position']} is past the end of an epoch of "
+                f"{len(self._items)} prompts; was it saved with a different prompt list?"
+            )
+        self._epoch = state["epoch"]
+        self._position = state["position"]
+        self._next_group_id = state["next_group_id"]

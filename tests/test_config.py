@@ -1,0 +1,188 @@
+"""The job config: shipped YAMLs validate, round-trip, and every bad config names its field and exits 2."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.config import ConfigError, JobConfig, load_config, validate_config
+from learner.main import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ["tiny", "flux", "sd3"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_validates_and_round_trips(name, tmp_path):
+    cfg = load_config(ROOT / "cluster" / f"{name}.yaml")
+    dumped = tmp_path / "dump.yaml"
+    dumped.write_text(cfg.to_yaml())
+    again = load_config(dumped)
+    assert again == cfg
+    assert again.model_dump() == cfg.model_dump()
+
+
+def test_flux_config_is_the_paper_setting():
+    c = load_config(ROOT / "cluster/flux.yaml")
+    assert (c.model.family, c.sampler.kind, c.sampler.noise_level) == ("flux", "cps", 0.9)
+    assert (c.sampler.num_steps, c.eval.num_steps) == (6, 28)
+    assert (c.learner.lora.rank, c.learner.lora.alpha, c.learner.beta) == (64, 128, 0.0)
+    assert any(t.startswith("ff") for t in c.learner.lora.target_modules)
+    assert c.data.images_per_iteration // c.data.group_size == 48 and c.data.group_size == 24
+    assert c.learner.updates_per_iteration == 2
+    gpus = sum(p.num_actors * p.num_gpus_per_actor for p in (c.rollout, c.rewards, c.learner))
+    assert gpus == 8
+    assert [s.name for s in c.rewards.scorers] == ["pickscore"]
+
+
+def test_sd3_config_is_the_paper_setting():
+    c = load_config(ROOT / "cluster/sd3.yaml")
+    assert (c.model.family, c.sampler.kind, c.sampler.noise_level, c.sampler.guidance_scale) == ("sd3", "sde", 0.7, 4.5)
+    assert (c.sampler.num_steps, c.eval.num_steps) == (10, 40)
+    assert (c.learner.lora.rank, c.learner.lora.alpha, c.learner.beta) == (32, 64, 0.04)
+    assert not any(t.startswith("ff") for t in c.learner.lora.target_modules)
+    assert c.data.source == "geneval_generate" and [s.name for s in c.rewards.scorers] == ["geneval"]
+    assert c.trained_steps == 9
+
+
+def test_tiny_config_is_cpu_only():
+    c = load_config(ROOT / "cluster/tiny.yaml")
+    assert all(p.num_gpus_per_actor == 0 for p in (c.rollout, c.rewards, c.learner))
+    assert c.model.build_tiny and c.model.dtype == "float32"
+
+
+def test_override_coerces_types():
+    c = load_config(ROOT / "cluster/tiny.yaml", ["learner.lr=1e-5", "sampler.num_steps=6", "learner.gradient_checkpointing=true",
+                                                  "learner.lora.target_modules=[to_q,to_v]", "ray.address=auto"])
+    assert c.learner.lr == 1e-5 and isinstance(c.learner.lr, float)
+    assert c.sampler.num_steps == 6 and c.trained_steps == 5
+    assert c.learner.gradient_checkpointing is True
+    assert c.learner.lora.target_modules == ["to_q", "to_v"]
+    assert c.ray.address == "auto"
+
+
+def test_yaml_exponent_without_dot_is_a_float_in_options(tmp_path):
+    data = yaml.safe_load((ROOT / "cluster/tiny.yaml").read_text())
+    data["rewards"]["scorers"][0]["options"] = {"scale": "placeholder"}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data).replace("placeholder", "2e-3"))
+    assert load_config(p).rewards.scorers[0].options["scale"] == 2e-3
+
+
+def test_config_is_frozen():
+    c = load_config(ROOT / "cluster/tiny.yaml")
+    with pytest.raises(Exception):
+        c.learner.lr = 1.0
+
+
+# Each case: overrides on tiny.yaml, the dotted field that the message must name.
+BAD = [
+    (["sampler.kind=bogus"], "sampler.kind"),
+    (["sampler.kind=ode"], "sampler.kind"),
+    (["sampler.num_steps=1"], "sampler.num_steps"),
+    (["sampler.noise_level=1.5"], "sampler.noise_level"),  # CPS eta > 1
+    (["sampler.kind=sde", "sampler.noise_level=0"], "sampler.noise_level"),
+    (["sampler.noise_level=-0.1"], "sampler.noise_level"),
+    (["sampler.trained_steps=4"], "sampler.trained_steps"),  # 4 of 4 steps
+    (["sampler.num_steps=6", "sampler.fast_window.size=4"], "sampler.fast_window.size"),
+    (["sampler.bogus=1"], "sampler.bogus"),
+    (["data.group_size=5"], "data.images_per_iteration"),
+    (["data.group_size=1"], "data.group_size"),
+    (["learner.micro_batch_size=3"], "learner.micro_batch_size"),
+    (["learner.finetune=full", "learner.beta=0.04"], "learner.beta"),
+    (["learner.lr=abc"], "learner.lr"),
+    (["learner.lr=-1"], "learner.lr"),
+    (["learner.zero_stage=1"], "learner.zero_stage"),
+    (["learner.lora=null"], "learner.lora"),
+    (["rewards.scorers=[]"], "rewards.scorers"),
+    (["rewards.scorers=[{name: jpeg_compressibility, weight: 0}]"], "rewards.scorers"),
+    (["rewards.scorers=[{name: Bad-Name}]"], "rewards.scorers.0.name"),
+    (["model.family=sdxl"], "model.family"),
+    (["model.resolution=72"], "model.resolution"),
+    (["model.dtype=fp8"], "model.dtype"),
+    (["data.source=text"], "data.path"),
+    (["rollout.num_actors=0"], "rollout.num_actors"),
+    (["rollout.num_gpus_per_actor=1.5"], "rollout.num_gpus_per_actor"),
+    (["metrics.port=70000"], "metrics.port"),
+    (["sampler.noise_level=.nan"], "sampler.noise_level"),
+    (["unknown_section.x=1"], "unknown_section"),
+]
+
+
+@pytest.mark.parametrize("overrides,field", BAD, ids=[f for _, f in BAD])
+def test_bad_config_names_field_and_exits_2(overrides, field, capsys):
+    args = ["--cfg", str(ROOT / "cluster/tiny.yaml"), "--check"]
+    for o in overrides:
+        args += ["--set", o]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln]
+    assert lines and all(ln.startswith("config error:") for ln in lines), err
+    assert any(f" {field}" in ln for ln in lines), err
+    assert "Traceback" not in err
+
+
+def test_every_problem_gets_its_own_line():
+    data = yaml.safe_load((ROOT / "cluster/tiny.yaml").read_text())
+    data["sampler"]["kind"] = "bogus"
+    data["learner"]["lr"] = -1
+    data["model"]["extra_key"] = 1
+    with pytest.raises(ConfigError) as e:
+        validate_config(data)
+    assert len(e.value.problems) == 3
+    joined = str(e.value)
+    for field in ("sampler.kind", "learner.lr", "model.extra_key"):
+        assert field in joined
+
+
+def test_malformed_yaml_names_file_and_line(tmp_path, capsys):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  family: flux\n  path: [unclosed\nsampler: {}\n")
+    assert main(["--cfg", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert f"{p}:" in err and "not valid YAML" in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_required_field(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: {family: flux}\nrewards: {scorers: [{name: ocr}]}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert e.value.problems == ["model.path: required, missing"]
+
+
+def test_missing_config_file(capsys):
+    assert main(["--cfg", "/nonexistent/job.yaml"]) == 2
+    assert "/nonexistent/job.yaml" in capsys.readouterr().err
+
+
+def test_bad_override_syntax(capsys):
+    assert main(["--cfg", str(ROOT / "cluster/tiny.yaml"), "--set", "learner.lr"]) == 2
+    assert "--set" in capsys.readouterr().err
+
+
+def test_debug_shows_the_traceback():
+    with pytest.raises(ConfigError):
+        main(["--cfg", str(ROOT / "cluster/tiny.yaml"), "--set", "sampler.kind=bogus", "--debug"])
+
+
+def test_cli_bogus_sampler_prints_one_line_and_exits_2():
+    r = subprocess.run([sys.executable, "-m", "learner.main", "--cfg", "cluster/tiny.yaml", "--set", "sampler.kind=bogus"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sampler.kind = 'bogus'" in lines[0] and "'cps'" in lines[0]
+
+
+def test_defaults_match_math_md():
+    c = JobConfig.model_validate({"model": {"family": "sd3", "path": "x"},
+                                  "rewards": {"scorers": [{"name": "ocr"}]},
+                                  "learner": {"lora": {"target_modules": ["to_q"]}}})
+    lr = c.learner
+    assert (lr.lr, lr.weight_decay, lr.max_grad_norm, lr.clip_range) == (3e-4, 1e-4, 1.0, 1e-4)
+    assert (lr.advantage_clip, lr.advantage_std, lr.updates_per_iteration, lr.max_staleness) == (5.0, "global", 2, 1)
+    assert (c.data.group_size, c.data.images_per_iteration) == (24, 1152)
+    assert c.metrics.host == "127.0.0.1"
