@@ -1,0 +1,317 @@
+"""The model adapter contract shared by rollout and learner (encode prompts, velocity, decode) and `load_flow_model`.
+
+FLUX.1 and SD3.5 differ in how they condition the transformer, lay out latents and apply guidance; everything above this
+module sees one `FlowModel` with the same methods. Implementations live in `rollout.flux` and `rollout.sd3`.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from rollout import sampling
+
+Family = Literal["flux", "sd3"]
+FAMILIES: tuple[str, ...] = ("flux", "sd3")
+PARTS: tuple[str, ...] = ("text", "vae", "transformer")
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder or hub id could not be loaded (missing, not cached with downloads off, or unreachable)."""
+
+
+@dataclass(frozen=True)
+class PromptEmbeds:
+    """Text conditioning for a batch: plain tensors only, so it moves between devices and pickles cheaply.
+
+    FLUX: `prompt_embeds` (B, L, D_t5) from T5 and `pooled` (B, D_clip) from CLIP.
+    SD3: `prompt_embeds` (B, 77 + L, D_t5), both CLIPs' hidden states (zero-padded to D_t5) then T5, and `pooled`
+    (B, 2 * projection), both CLIPs' projections.
+    """
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.prompt_embeds.ndim != 3 or self.pooled.ndim != 2:
+            raise ValueError(
+                f"prompt_embeds must be (B, L, D) and pooled (B, P), got {tuple(self.prompt_embeds.shape)} "
+                f"and {tuple(self.pooled.shape)}"
+            )
+        if self.prompt_embeds.shape[0] != self.pooled.shape[0]:
+            raise ValueError(
+                f"prompt_embeds and pooled disagree on the batch size: "
+                f"{self.prompt_embeds.shape[0]} != {self.pooled.shape[0]}"
+            )
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PromptEmbeds:
+        """The same embeddings on another device and/or in another dtype."""
+        return PromptEmbeds(*(getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)))
+
+    def index_select(self, index: Sequence[int] | torch.Tensor) -> PromptEmbeds:
+        """Rows `index` (repeats allowed), e.g. the groups of the samples in a learner micro-batch."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.prompt_embeds.device)
+        return PromptEmbeds(*(getattr(self, f.name).index_select(0, index) for f in fields(self)))
+
+    def expand(self, n: int) -> PromptEmbeds:
+        """One prompt's embeddings repeated for a group of `n` samples, as a view (no copy)."""
+        if len(self) != 1:
+            raise ValueError(f"expand needs the embeddings of exactly one prompt, got {len(self)}")
+        return PromptEmbeds(
+            self.prompt_embeds.expand(n, -1, -1),
+            self.pooled.expand(n, -1),
+        )
+
+    @staticmethod
+    def cat(parts: Sequence[PromptEmbeds]) -> PromptEmbeds:
+        """Concatenate along the batch (e.g. several groups into one forward)."""
+        if not parts:
+            raise ValueError("cat needs at least one PromptEmbeds")
+        return PromptEmbeds(
+            torch.cat([p.prompt_embeds for p in parts]),
+            torch.cat([p.pooled for p in parts]),
+        )
+
+
+def sigma_batch(sigma: float | torch.Tensor, batch: int, device: torch.device | str) -> torch.Tensor:
+    """Noise level(s) as a float32 (B,) tensor: a scalar is broadcast to the batch."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
+    if sigma.ndim == 0:
+        return sigma.expand(batch)
+    if sigma.shape != (batch,):
+        raise ValueError(f"sigma must be a scalar or a ({batch},) tensor, got shape {tuple(sigma.shape)}")
+    return sigma
+
+
+def to_uint8_images(decoded: torch.Tensor) -> torch.Tensor:
+    """VAE output in [-1, 1], (B, 3, H, W) -> uint8 (B, H, W, 3) on CPU, rounded as diffusers' image processor does."""
+    images = (decoded.float() / 2 + 0.5).clamp(0, 1)
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+
+
+class FlowModel(abc.ABC):
+    """A text-to-image flow-matching model: the velocity field v(x_t, t) plus its text encoders and VAE."""
+
+    family: ClassVar[str]
+    # True when guidance is classifier-free (needs negative embeddings), False for a guidance embedding.
+    true_cfg: ClassVar[bool]
+    default_max_sequence_length: ClassVar[int]
+    # subfolder -> (part, loader class): what `load_flow_model` loads for each part.
+    components: ClassVar[dict[str, tuple[str, type]]]
+
+    def __init__(
+        self,
+        modules: Mapping[str, Any],
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+        max_sequence_length: int | None = None,
+    ) -> None:
+        self.modules = dict(modules)
+        self.parts = frozenset(part for sub, (part, _) in self.components.items() if sub in self.modules)
+        self.transformer = self.modules.get("transformer")
+        self.vae = self.modules.get("vae")
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        self._negative: PromptEmbeds | None = None
+
+    def _require(self, part: str) -> None:
+        if part not in self.parts:
+            raise RuntimeError(
+                f"this {self.family} model was loaded without its {part!r} part (loaded: {sorted(self.parts)}); "
+                f"pass parts including {part!r} to load_flow_model"
+            )
+
+    def _check_size(self, height: int, width: int) -> None:
+        if height <= 0 or width <= 0 or height % 16 or width % 16:
+            raise ValueError(f"image height and width must be positive multiples of 16, got {height}x{width}")
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the VAE latent (16 for FLUX.1 and SD3.5)."""
+        if self.vae is not None:
+            return self.vae.config.latent_channels
+        if self.transformer is not None:
+            return self._latent_channels_from_transformer()
+        return 16
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent cell along each side (8)."""
+        if self.vae is not None:
+            return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 8
+
+    def negative_embeds(self) -> PromptEmbeds:
+        """Embeddings of the empty prompt (one row), encoded on first use and cached."""
+        if self._negative is None:
+            self._negative = self.encode_prompts([""])
+        return self._negative
+
+    def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
+        """The sampling schedule for this model family at this image size."""
+        return sampling.sigmas(self.family, num_steps, image_seq_len=self.image_seq_len(height, width))
+
+    def image_seq_len(self, height: int, width: int) -> int:
+        """Number of image tokens the transformer sees (2x2 latent patches)."""
+        self._check_size(height, width)
+        return (height // (2 * self.vae_scale_factor)) * (width // (2 * self.vae_scale_factor))
+
+    def _batch_embeds(self, embeds: PromptEmbeds, batch: int, what: str) -> PromptEmbeds:
+        """Embeddings with one row per latent (a single row is broadcast), on the model's device and dtype."""
+        if len(embeds) == 1 and batch > 1:
+            embeds = embeds.expand(batch)
+        if len(embeds) != batch:
+            raise ValueError(f"{len(embeds)} {what} embeddings for a batch of {batch} latents")
+        return embeds.to(self.device, self.dtype)
+
+    def _tokenize(self, tokenizer: Any, prompts: Sequence[str], max_length: int) -> torch.Tensor:
+        """Token ids padded/truncated to `max_length`, as the diffusers pipelines tokenize."""
+        return tokenizer(
+            list(prompts), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+
+    @abc.abstractmethod
+    def _latent_channels_from_transformer(self) -> int: ...
+
+    @abc.abstractmethod
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptEmbeds:
+        """Run the text encoders once for a batch of prompts."""
+
+    @abc.abstractmethod
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
+        """Shape of the model-native latents the sampler works on."""
+
+    @abc.abstractmethod
+    def velocity(
+        self,
+        latents: torch.Tensor,
+        sigma: float | torch.Tensor,
+        embeds: PromptEmbeds,
+        *,
+        guidance_scale: float,
+        negative: PromptEmbeds | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Predicted velocity (float32, shape of `latents`) at noise level `sigma`, with guidance; differentiable."""
+
+    @abc.abstractmethod
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Final latents -> uint8 images (B, H, W, 3) on CPU."""
+
+
+def _model_class(family: str) -> type[FlowModel]:
+    if family == "flux":
+        from rollout.flux import FluxModel
+
+        return FluxModel
+    if family == "sd3":
+        from rollout.sd3 import SD3Model
+
+        return SD3Model
+    raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+
+
+# Files whose presence shows a component folder is usable (transformers 5 silently builds an empty tokenizer otherwise).
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model")
+
+
+def _component_problem(folder: Path, cls: type) -> str | None:
+    """Why `folder` cannot hold a `cls` component, or None if it looks complete."""
+    if not folder.is_dir():
+        return "missing"
+    if issubclass(cls, torch.nn.Module):
+        return None if (folder / "config.json").is_file() else "has no config.json"
+    if any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    return f"has no tokenizer file ({' / '.join(_TOKENIZER_FILES)})"
+
+
+def _resolve_hub_id(repo_id: str, subfolders: Collection[str], allow_download: bool) -> Path:
+    """The local snapshot folder of a hub model (only the needed subfolders), from the cache or downloaded."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                local_files_only=not allow_download,
+                allow_patterns=["model_index.json", *(f"{sub}/*" for sub in subfolders)],
+            )
+        )
+    except Exception as err:  # any failure to fetch becomes one clear message; the cause stays chained
+        if not allow_download:
+            raise ModelLoadError(
+                f"model.path {repo_id!r} is neither a local folder nor a model in the local Hugging Face cache, "
+                f"and downloads are off: set model.allow_download=true to fetch it, or point model.path at a "
+                f"local diffusers folder"
+            ) from err
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ModelLoadError(
+            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {reason}); check the id, "
+            f"your access to it and the network, or point model.path at a local diffusers folder"
+        ) from err
+
+
+def _load_component(cls: type, folder: Path, subfolder: str, dtype: torch.dtype) -> Any:
+    """`from_pretrained` of one pipeline component from a local folder; weights in `dtype`, tokenizers as they are."""
+    kwargs: dict[str, Any] = dict(subfolder=subfolder, local_files_only=True)
+    if issubclass(cls, torch.nn.Module):
+        # diffusers models take torch_dtype, transformers 5 models take dtype
+        kwargs["torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"] = dtype
+    return cls.from_pretrained(str(folder), **kwargs)
+
+
+def load_flow_model(
+    path: str,
+    family: Family,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    allow_download: bool = False,
+    parts: Collection[str] = PARTS,
+    max_sequence_length: int | None = None,
+) -> FlowModel:
+    """Load a FLUX.1 / SD3.5 model from a local diffusers folder or a hub id; `parts` picks what to load.
+
+    A path that is not an existing folder is taken as a hub id and read from the local Hugging Face cache, or
+    downloaded (only the needed subfolders) when `allow_download`. The learner loads only ("transformer",).
+    """
+    model_class = _model_class(family)
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {sorted(parts)}")
+    wanted = {sub: cls for sub, (part, cls) in model_class.components.items() if part in parts}
+
+    folder = Path(path)
+    if not folder.is_dir():
+        folder = _resolve_hub_id(str(path), wanted, allow_download)
+    problems = {sub: why for sub, cls in wanted.items() if (why := _component_problem(folder / sub, cls))}
+    if problems:
+        listed = "; ".join(f"subfolder {sub!r} {why}" for sub, why in problems.items())
+        raise ModelLoadError(
+            f"the {family} model at {path} is incomplete: {listed} "
+            f"(parts {sorted(parts)} need {', '.join(wanted)})"
+        )
+
+    modules: dict[str, Any] = {}
+    for sub, cls in wanted.items():
+        try:
+            module = _load_component(cls, folder, sub, dtype)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"could not load {sub!r} of the {family} model at {path}: {err}") from err
+        if isinstance(module, torch.nn.Module):
+            module.to(device).eval()
+            if sub != "transformer":  # frozen: only the transformer is ever trained
+                module.requires_grad_(False)
+        modules[sub] = module
+    return model_class(modules, dtype=dtype, device=device, max_sequence_length=max_sequence_length)

@@ -1,0 +1,303 @@
+"""Offline builder of tiny random FLUX.1 / SD3.5 pipelines in diffusers format, for tests and the CPU demo.
+
+The folders have the real layout (transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/, model_index.json), so
+they load through exactly the same `from_pretrained` path as the real models; only the widths are tiny.
+
+    python -m rollout.tiny --family flux --out /tmp/tiny-flux [--seed 0] [--overwrite]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+from rollout.sampling import SCHEDULER_CONFIGS
+
+FAMILIES = ("flux", "sd3")
+MARKER = "tiny_model.json"
+
+# The real VAEs' latent normalisation (FLUX.1 and SD3.5 both use 16 latent channels).
+FLUX_VAE_SCALING = (0.3611, 0.1159)
+SD3_VAE_SCALING = (1.5305, 0.0609)
+
+CLIP_MAX_LENGTH = 77
+T5_MAX_LENGTH = 512
+
+
+@contextmanager
+def _seeded(seed: int, component: int) -> Iterator[None]:
+    """Initialise one component from its own seed without touching the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1000 + component)
+        yield
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """A byte-level CLIP tokenizer with one token per byte (and per word-final byte): any text tokenizes."""
+    chars = list(bytes_to_unicode().values())
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    # Like real CLIP, the start/end tokens have the largest ids.
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH)
+
+
+def t5_tokenizer() -> T5Tokenizer:
+    """A unigram T5 tokenizer over printable ASCII characters (word-initial and inner); others map to <unk>."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    for code in range(33, 127):
+        pieces += [("▁" + chr(code), -4.0), (chr(code), -5.0)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+
+
+def _clip_config(tokenizer: CLIPTokenizer, hidden: int, projection: int) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        projection_dim=projection,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=CLIP_MAX_LENGTH,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _t5(tokenizer: T5Tokenizer, d_model: int) -> T5EncoderModel:
+    config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=d_model,
+        d_kv=8,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",  # as T5 v1.1, which both FLUX.1 and SD3.5 use
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    return T5EncoderModel(config)
+
+
+def _vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
+    """An 8x-downsampling (4 blocks) VAE with 16 latent channels, like the FLUX.1 / SD3.5 VAEs."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1,
+        latent_channels=16,
+        norm_num_groups=4,
+        sample_size=64,
+        scaling_factor=scaling_factor,
+        shift_factor=shift_factor,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _build_flux(seed: int) -> FluxPipeline:
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    clip_width, t5_width, heads, head_dim = 32, 48, 2, 16
+    with _seeded(seed, 1):
+        text_encoder = CLIPTextModel(_clip_config(tokenizer, clip_width, clip_width))
+    with _seeded(seed, 2):
+        text_encoder_2 = _t5(tokenizer_2, t5_width)
+    with _seeded(seed, 3):
+        vae = _vae(*FLUX_VAE_SCALING)
+    with _seeded(seed, 4):
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=4 * vae.config.latent_channels,  # 2x2 patches of the latent, packed
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
+            joint_attention_dim=t5_width,
+            pooled_projection_dim=clip_width,
+            guidance_embeds=True,  # FLUX.1-dev: guidance embedding instead of true CFG
+            axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
+        )
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS["flux"]),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
+def _build_sd3(seed: int) -> StableDiffusion3Pipeline:
+    tokenizer, tokenizer_2, tokenizer_3 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
+    # The two CLIP hidden states (16 + 16) are zero-padded to the T5 width (48) by the pipeline.
+    clip_width, t5_width, heads, head_dim = 16, 48, 2, 16
+    with _seeded(seed, 1):
+        text_encoder = CLIPTextModelWithProjection(_clip_config(tokenizer, clip_width, clip_width))
+    with _seeded(seed, 2):
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, clip_width, clip_width))
+    with _seeded(seed, 3):
+        text_encoder_3 = _t5(tokenizer_3, t5_width)
+    with _seeded(seed, 4):
+        vae = _vae(*SD3_VAE_SCALING)
+    with _seeded(seed, 5):
+        transformer = SD3Transformer2DModel(
+            sample_size=8,
+            patch_size=2,
+            in_channels=vae.config.latent_channels,
+            out_channels=vae.config.latent_channels,
+            num_layers=2,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
+            joint_attention_dim=t5_width,
+            caption_projection_dim=heads * head_dim,
+            pooled_projection_dim=2 * clip_width,  # both CLIP projections, concatenated
+            pos_embed_max_size=64,  # up to 1024 px
+            dual_attention_layers=(0,),  # SD3.5 (MMDiT-X) blocks
+            qk_norm="rms_norm",
+        )
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS["sd3"]),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+
+
+def build_tiny_pipeline(family: str, *, seed: int = 0) -> DiffusionPipeline:
+    """Build a tiny random pipeline in memory, deterministically from `seed`, all modules in eval mode."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    pipe = _build_flux(seed) if family == "flux" else _build_sd3(seed)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # built from configs they start in train mode (T5 dropout)
+    return pipe
+
+
+def _is_nonempty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def build_tiny(family: str, out_dir: Path | str, *, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a tiny pipeline folder atomically (built in a sibling temp folder, then moved into place)."""
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a folder")
+    if _is_nonempty_dir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to replace it")
+    pipe = build_tiny_pipeline(family, seed=seed)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        pipe.save_pretrained(tmp)
+        (tmp / MARKER).write_text(json.dumps({"family": family, "seed": seed}) + "\n")
+        if _is_nonempty_dir(out_dir):  # overwrite: move the old folder aside first (rename cannot replace it)
+            trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out_dir, trash)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def ensure_tiny(family: str, out_dir: Path | str, seed: int = 0) -> Path:
+    """Return `out_dir`, building the tiny model there first if the folder is missing or empty (cached after that)."""
+    out_dir = Path(out_dir).absolute()
+    marker = out_dir / MARKER
+    if _is_nonempty_dir(out_dir):
+        if marker.is_file():
+            built = json.loads(marker.read_text())
+            if built != {"family": family, "seed": seed}:
+                raise ValueError(
+                    f"{out_dir} holds a tiny {built.get('family')} model with seed {built.get('seed')}, "
+                    f"not {family} with seed {seed}; delete it or choose another folder"
+                )
+        return out_dir
+    start = time.perf_counter()
+    try:
+        build_tiny(family, out_dir, seed=seed)
+    except OSError:
+        if not marker.is_file():  # not a concurrent builder that finished first
+            raise
+        return out_dir
+    print(f"built tiny {family} model (seed {seed}) at {out_dir} in {time.perf_counter() - start:.1f} s", flush=True)
+    return out_dir
+
+
+def _parameter_counts(path: Path) -> dict[str, int]:
+    """Parameter counts per module, read back from the written folder."""
+    pipe = DiffusionPipeline.from_pretrained(path)
+    return {
+        name: sum(p.numel() for p in module.parameters())
+        for name, module in pipe.components.items()
+        if isinstance(module, torch.nn.Module)
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: build one tiny model folder and report what was written."""
+    parser = argparse.ArgumentParser(prog="python -m rollout.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("--family", required=True, choices=FAMILIES)
+    parser.add_argument("--out", required=True, type=Path, help="folder to write (must be missing or empty)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty folder")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        path = build_tiny(args.family, args.out, seed=args.seed, overwrite=args.overwrite)
+    except FileExistsError as err:
+        parser.exit(2, f"error: {err}\n")
+    seconds = time.perf_counter() - start
+    counts = _parameter_counts(path)
+    print(f"wrote tiny {args.family} pipeline (seed {args.seed}) to {path} in {seconds:.1f} s")
+    for name, count in counts.items():
+        print(f"  {name:<15} {count:>9,} parameters")
+    print(f"  {'total':<15} {sum(counts.values()):>9,} parameters")
+
+
+if __name__ == "__main__":
+    main()
