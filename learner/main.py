@@ -84,7 +84,8 @@ def sample_ode_image(model, prompt: str, cfg: JobConfig):
     sig = model.sigmas(cfg.sampler.num_steps, res, res)
     with torch.no_grad():
         for i in range(len(sig) - 1):
-            v = model.velocity(x, float(sig[i]), embeds, guidance_scale=cfg.sampler.guidance_scale, negative=negative)
+            v = model.velocity(x, float(sig[i]), embeds, guidance_scale=cfg.sampler.guidance_scale,
+                               negative=negative, image_size=(res, res))
             x = x + (float(sig[i + 1]) - float(sig[i])) * v
     return model.decode(x, res, res)
 
@@ -110,14 +111,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2 if isinstance(e, (ValueError, FileNotFoundError)) or _is_user_error(e) else 1
+        return 2 if isinstance(e, user_errors()) else 1
     return 0
 
 
-def _is_user_error(e: Exception) -> bool:
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors caused by the job's inputs (config, files, cluster size): exit code 2, like a bad config."""
     from cluster.runtime import ClusterTooSmall
+    from rollout.models import ModelLoadError
 
-    return isinstance(e, ClusterTooSmall) or type(e).__name__ in {"ModelLoadError", "PromptFileError"}
+    return (ValueError, FileNotFoundError, ClusterTooSmall, ModelLoadError)
 
 
 if __name__ == "__main__":

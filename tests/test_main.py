@@ -1,0 +1,37 @@
+"""`python -m learner.main` end to end on the tiny config, and its one-line errors for bad inputs."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, "-m", "learner.main", "--cfg", "cluster/tiny.yaml", *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_tiny_job_builds_the_model_and_samples(tmp_path):
+    model_dir = tmp_path / "tiny-flux"
+    r = run_main("--set", f"model.path={model_dir}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (model_dir / "transformer" / "config.json").is_file()  # built on first use
+    out = r.stdout
+    assert "started a local Ray on 127.0.0.1" in out
+    assert "sampled one 64x64 image" in out
+    assert "nothing was trained" in out
+
+
+@pytest.mark.slow
+def test_missing_model_folder_is_one_line_and_exit_2(tmp_path):
+    r = run_main("--set", f"model.path={tmp_path / 'absent'}", "--set", "model.build_tiny=false")
+    assert r.returncode == 2, r.stderr[-3000:]
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "absent" in errors[0] and "allow_download" in errors[0]
+    assert "Traceback" not in r.stderr
