@@ -13,3 +13,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/pip install -q -c constraints.txt -e '.[test]'
   echo "$want" > "$stamp"
 fi
+# Sample photos for the GenEval detector tests (Debian's darknet package); skipped with a message without apt-get.
+tests/fixtures/fetch_darknet_photos.sh

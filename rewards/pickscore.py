@@ -1,0 +1,55 @@
+"""PickScore: `logit_scale.exp() · cos(text, image)` of the PickScore_v1 CLIP-H model, divided by `scale` (26).
+
+Weights: `path` is a transformers CLIP folder or hub id (yuvalkirstain/PickScore_v1). That repository carries no
+processor; in practice PickScore uses the one of laion/CLIP-ViT-H-14-laion2B-s32B-b79K, the default `processor_path`
+(set it to null to read the processor from `path`). Flow-GRPO trains on raw/26 and reports the raw value, which is kept
+as the `raw` metric.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from rewards.base import Scorer, ScoreResult
+from rewards.clip_common import ClipEncoder, load_clip_model, load_clip_processor, torch_device, torch_dtype
+
+PICKSCORE_V1 = "yuvalkirstain/PickScore_v1"
+CLIP_H_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+
+class PickScore(Scorer):
+    """Human-preference score of an image for its prompt (PickScore_v1)."""
+
+    name = "pickscore"
+
+    def __init__(self, path: str = PICKSCORE_V1, processor_path: str | None = CLIP_H_PROCESSOR, device: str = "cpu",
+                 dtype: str = "float32", allow_download: bool = False, scale: float = 26.0, batch_size: int = 16):
+        if scale <= 0:
+            raise ValueError(f"{self.name}: scale must be > 0, got {scale}")
+        dev = torch_device(self.name, device)
+        model = load_clip_model(self.name, path, dtype=torch_dtype(self.name, dtype), device=dev,
+                                allow_download=allow_download)
+        processor = load_clip_processor(self.name, processor_path or path, allow_download=allow_download,
+                                        option="processor_path" if processor_path else "path")
+        self._setup(model, processor, dev, scale, batch_size)
+
+    @classmethod
+    def from_model(cls, model: Any, processor: Any, *, device: str = "cpu", scale: float = 26.0,
+                   batch_size: int = 16) -> "PickScore":
+        """A PickScore around an already-loaded CLIPModel and CLIPProcessor (benchmarks, notebooks)."""
+        scorer = cls.__new__(cls)
+        scorer._setup(model.eval().requires_grad_(False), processor, torch.device(device), scale, batch_size)
+        return scorer
+
+    def _setup(self, model: Any, processor: Any, device: torch.device, scale: float, batch_size: int) -> None:
+        self.clip = ClipEncoder(model, processor, device, batch_size)
+        self.logit_scale = float(model.logit_scale.detach().float().exp())
+        self.scale = float(scale)
+
+    def score(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> ScoreResult:
+        cosine = (self.clip.images(images) * self.clip.texts(prompts)).sum(dim=-1)
+        raw = (self.logit_scale * cosine).numpy().astype(np.float32)
+        return ScoreResult(scores=raw / np.float32(self.scale), metrics={"raw": raw})

@@ -1,0 +1,179 @@
+"""The rollout sampling loop as plain code (no Ray): whole groups with recorded log-probs, evaluation images, and the
+learner's recompute of a recorded step.
+
+Noise never comes from a process's own RNG: sample i of a group draws its initial noise and then, step by step, its
+fresh noise from `torch.Generator().manual_seed(seeds[i])`, one sample at a time, so neither the worker nor the batch
+layout changes a trajectory's noise. The Fast window's position comes from (run seed, group_id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import torch
+
+from rollout.models import FlowModel, PromptEmbeds
+from rollout.prompts import PromptGroup
+from rollout.steps import StepOutput, step
+from rollout.trajectory import SamplerSettings, Trajectories
+
+
+def fast_window_start(run_seed: int, group_id: int, num_steps: int, size: int) -> int:
+    """First step of the Fast window: uniform in [0, num_steps // 2 − size], drawn from (run seed, group_id)."""
+    last = num_steps // 2 - size
+    if last < 0:
+        raise ValueError(f"a Fast window of {size} steps does not fit in the first half of {num_steps} steps")
+    digest = hashlib.blake2b(f"fast_window:{run_seed}:{group_id}".encode(), digest_size=8).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest, "big") >> 1)
+    return int(torch.randint(0, last + 1, (1,), generator=generator))
+
+
+def recorded_steps(settings: SamplerSettings, run_seed: int, group_id: int) -> list[int]:
+    """Sigma indices of the steps that are stochastic and recorded: the Fast window, or the first `trained_steps`."""
+    if settings.fast_window_size:
+        start = fast_window_start(run_seed, group_id, settings.num_steps, settings.fast_window_size)
+        return list(range(start, start + settings.fast_window_size))
+    return list(range(settings.trained_steps))
+
+
+def guided_velocity(
+    model: FlowModel,
+    x: torch.Tensor,
+    sigma: torch.Tensor | float,
+    embeds: PromptEmbeds,
+    negative: PromptEmbeds | None,
+    settings: SamplerSettings,
+) -> torch.Tensor:
+    """The one forward that sampling and training share: the configured guidance, CFG only for true-CFG models."""
+    return model.velocity(
+        x, sigma, embeds,
+        guidance_scale=settings.guidance_scale,
+        negative=negative if model.true_cfg else None,
+        image_size=settings.image_size,
+    )
+
+
+def score_step(
+    model: FlowModel,
+    settings: SamplerSettings,
+    sigmas: torch.Tensor,
+    index: int,
+    states: torch.Tensor,
+    next_states: torch.Tensor,
+    embeds: PromptEmbeds,
+    negative: PromptEmbeds | None,
+) -> StepOutput:
+    """The learner's path: the log-prob (and mean) of recorded next states under the current model, differentiable.
+
+    With the states of one chunk of the recorded batch layout and the group's one-row `embeds`, this is the sampling
+    computation itself, so an unchanged model reproduces the recorded log-probs bit for bit.
+    """
+    v = guided_velocity(model, states, sigmas[index], embeds, negative, settings)
+    return step(
+        settings.kind, states, v, sigmas, index,
+        noise_level=settings.noise_level, prev_sample=next_states, log_prob_form=settings.log_prob_form,
+    )
+
+
+@torch.no_grad()
+def recompute_log_probs(model: FlowModel, traj: Trajectories, negative: PromptEmbeds | None) -> torch.Tensor:
+    """Every recorded log-prob of a group recomputed with the recorded batch layout: float32 (G, K)."""
+    out = torch.empty_like(traj.log_probs)
+    embeds = traj.prompt_embeds.to(model.device)
+    negative = negative.to(model.device) if negative is not None else None
+    for k, index in enumerate(traj.step_indices.tolist()):
+        for chunk in traj.settings.chunks(traj.group_size):
+            rows = slice(chunk.start, chunk.stop)
+            states = traj.states[rows, k].contiguous().to(model.device)
+            next_states = traj.next_states[rows, k].contiguous().to(model.device)
+            scored = score_step(model, traj.settings, traj.sigmas, index, states, next_states, embeds, negative)
+            out[rows, k] = scored.log_prob.float().cpu()
+    return out
+
+
+class RolloutSampler:
+    """Samples whole prompt groups with one loaded model and records the trained steps."""
+
+    def __init__(self, model: FlowModel, settings: SamplerSettings, run_seed: int) -> None:
+        self.model = model
+        self.settings = settings
+        self.run_seed = run_seed
+        self.sigmas = model.sigmas(settings.num_steps, settings.height, settings.width)
+        self.negative = model.negative_embeds() if model.true_cfg else None
+
+    @torch.no_grad()
+    def sample_group(self, group: PromptGroup, policy_version: int = 0) -> Trajectories:
+        """G trajectories of one prompt (encoded once), sampled in chunks of `samples_per_forward`."""
+        s, model = self.settings, self.model
+        size = len(group.seeds)
+        recorded = recorded_steps(s, self.run_seed, group.group_id)
+        position = {index: k for k, index in enumerate(recorded)}
+        kinds = [s.kind if (index in position or not s.fast_window_size) else "ode" for index in range(s.num_steps)]
+        embeds = model.encode_prompts([group.prompt])
+
+        generators = [torch.Generator().manual_seed(seed) for seed in group.seeds]
+        latent = model.latent_shape(1, s.height, s.width)[1:]
+        initial = [torch.randn(latent, generator=g) for g in generators]
+        if s.same_initial_noise:
+            initial = [initial[0]] * size
+
+        states = torch.empty(size, len(recorded), *latent)
+        next_states = torch.empty_like(states)
+        log_probs = torch.empty(size, len(recorded))
+        images = []
+        for chunk in s.chunks(size):
+            rows = slice(chunk.start, chunk.stop)
+            x = torch.stack([initial[i] for i in chunk]).to(model.device)
+            for index, kind in enumerate(kinds):
+                v = guided_velocity(model, x, self.sigmas[index], embeds, self.negative, s)
+                noise = None
+                if kind != "ode":
+                    noise = torch.stack([torch.randn(latent, generator=generators[i]) for i in chunk]).to(model.device)
+                out = step(kind, x, v, self.sigmas, index, noise_level=s.noise_level, noise=noise,
+                           log_prob_form=s.log_prob_form)
+                if index in position:
+                    states[rows, position[index]] = x.float().cpu()
+                    next_states[rows, position[index]] = out.prev_sample.float().cpu()
+                    log_probs[rows, position[index]] = out.log_prob.float().cpu()
+                x = out.prev_sample
+            images.append(model.decode(x, s.height, s.width))
+
+        return Trajectories(
+            group_id=group.group_id,
+            prompt=group.prompt,
+            metadata=group.metadata,
+            seeds=tuple(group.seeds),
+            policy_version=policy_version,
+            prompt_embeds=embeds.to("cpu"),
+            states=states,
+            next_states=next_states,
+            log_probs=log_probs,
+            step_indices=torch.tensor(recorded, dtype=torch.long),
+            sigmas=self.sigmas.clone(),
+            images=torch.cat(images),
+            settings=s,
+        )
+
+    @torch.no_grad()
+    def sample_eval(self, prompts: Sequence[str], seeds: Sequence[int], *, num_steps: int,
+                    batch_size: int) -> torch.Tensor:
+        """Evaluation images: the ODE with `num_steps` steps, one fixed seed per prompt; uint8 (B, H, W, 3)."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} evaluation prompts but {len(seeds)} seeds")
+        s, model = self.settings, self.model
+        sigmas = model.sigmas(num_steps, s.height, s.width)
+        latent = model.latent_shape(1, s.height, s.width)[1:]
+        images = []
+        for start in range(0, len(prompts), batch_size):
+            batch = range(start, min(start + batch_size, len(prompts)))
+            embeds = model.encode_prompts([prompts[i] for i in batch])
+            x = torch.stack([torch.randn(latent, generator=torch.Generator().manual_seed(seeds[i])) for i in batch])
+            x = x.to(model.device)
+            for index in range(num_steps):
+                v = guided_velocity(model, x, sigmas[index], embeds, self.negative, s)
+                x = step("ode", x, v, sigmas, index, noise_level=0.0).prev_sample
+            images.append(model.decode(x, s.height, s.width))
+        if not images:
+            return torch.empty(0, s.height, s.width, 3, dtype=torch.uint8)
+        return torch.cat(images)

@@ -1,0 +1,129 @@
+"""The trajectory record of one prompt group: the only data that rollout hands to the learner.
+
+Plain tensors and Python values only (no model objects), so a record pickles cheaply through the Ray object store.
+It carries everything the learner needs to recompute each recorded log-prob with the sampling forward: the states, the
+prompt embeddings, the schedule, the step rule and the batch layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cluster.config import JobConfig
+from rollout.models import PromptEmbeds
+from rollout.steps import DEFAULT_LOG_PROB_FORM
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How a group was sampled: the step rule and everything a recompute of its log-probs must repeat.
+
+    `samples_per_forward` is the batch layout: a group of G is sampled in consecutive chunks of
+    min(samples_per_forward, G) samples, the last chunk possibly smaller; a recompute with the same chunks (same
+    samples, order and size) reproduces the recorded log-probs bit for bit.
+    """
+
+    kind: str
+    noise_level: float
+    log_prob_form: str
+    guidance_scale: float
+    height: int
+    width: int
+    num_steps: int
+    samples_per_forward: int
+    trained_steps: int
+    fast_window_size: int = 0  # 0: no Fast window
+    same_initial_noise: bool = False
+
+    @staticmethod
+    def from_config(cfg: JobConfig) -> SamplerSettings:
+        """The training rollouts' settings of a job (log-prob form resolved to its per-rule default)."""
+        s = cfg.sampler
+        return SamplerSettings(
+            kind=s.kind,
+            noise_level=s.noise_level,
+            log_prob_form=s.log_prob_form or DEFAULT_LOG_PROB_FORM[s.kind],
+            guidance_scale=s.guidance_scale,
+            height=cfg.model.resolution,
+            width=cfg.model.resolution,
+            num_steps=s.num_steps,
+            samples_per_forward=cfg.rollout.samples_per_forward,
+            trained_steps=cfg.trained_steps,
+            fast_window_size=s.fast_window.size if s.fast_window is not None else 0,
+            same_initial_noise=s.same_initial_noise,
+        )
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """(height, width) in pixels, as `FlowModel.velocity(image_size=...)` takes it."""
+        return self.height, self.width
+
+    def chunks(self, group_size: int) -> list[range]:
+        """The sample indices of each transformer forward for a group of `group_size` (the batch layout)."""
+        size = min(self.samples_per_forward, group_size)
+        return [range(start, min(start + size, group_size)) for start in range(0, group_size, size)]
+
+
+@dataclass(frozen=True)
+class Trajectories:
+    """G trajectories of one prompt: K recorded (trained) steps each, and the final images.
+
+    Shapes: states / next_states float32 (G, K, *latent), log_probs float32 (G, K), step_indices long (K,) (the
+    sigma index of each recorded step, shared by the whole group: the Fast window is drawn once per group, which is
+    this project's "once per sampling batch"), sigmas float32 (N + 1,), images uint8 (G, H, W, 3). `prompt_embeds`
+    holds one row (CPU); the negative "" embeddings needed for true CFG travel once per job, not in each record.
+    """
+
+    group_id: int
+    prompt: str
+    metadata: dict = field(hash=False)
+    seeds: tuple[int, ...]
+    policy_version: int
+    prompt_embeds: PromptEmbeds
+    states: torch.Tensor
+    next_states: torch.Tensor
+    log_probs: torch.Tensor
+    step_indices: torch.Tensor
+    sigmas: torch.Tensor
+    images: torch.Tensor
+    settings: SamplerSettings
+
+    def __post_init__(self) -> None:
+        g, k = self.log_probs.shape if self.log_probs.ndim == 2 else (-1, -1)
+        expected = {
+            "states": (self.states, torch.float32, (g, k, *self.states.shape[2:])),
+            "next_states": (self.next_states, torch.float32, tuple(self.states.shape)),
+            "log_probs": (self.log_probs, torch.float32, (g, k)),
+            "step_indices": (self.step_indices, torch.long, (k,)),
+            "sigmas": (self.sigmas, torch.float32, (self.settings.num_steps + 1,)),
+            "images": (self.images, torch.uint8, (g, self.settings.height, self.settings.width, 3)),
+        }
+        for name, (tensor, dtype, shape) in expected.items():
+            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"Trajectories.{name} must be {dtype} of shape {shape}, got {tensor.dtype} {tuple(tensor.shape)}"
+                )
+        if len(self.seeds) != g:
+            raise ValueError(f"Trajectories has {g} samples but {len(self.seeds)} seeds")
+        if len(self.prompt_embeds) != 1:
+            raise ValueError(
+                f"Trajectories.prompt_embeds must hold one row (the group's prompt), got {len(self.prompt_embeds)}"
+            )
+
+    @property
+    def group_size(self) -> int:
+        """G, the samples of this prompt."""
+        return self.log_probs.shape[0]
+
+    @property
+    def num_recorded_steps(self) -> int:
+        """K, the trained steps recorded per trajectory."""
+        return self.log_probs.shape[1]
+
+    def nbytes(self) -> int:
+        """Size of the tensors, i.e. roughly what the record costs in the object store."""
+        tensors = (self.states, self.next_states, self.log_probs, self.step_indices, self.sigmas, self.images,
+                   self.prompt_embeds.prompt_embeds, self.prompt_embeds.pooled)
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,0 +1,153 @@
+"""Policy weights: the LoRA adapter (or full state) of the transformer, and their transport from learner to rollout.
+
+The transport is one interface: the learner packs the state into ONE flat CPU byte buffer plus metadata, puts the
+buffer into the Ray object store once per version and publishes `(version, [ref], meta)` to the job's named
+`WeightStore` actor; rollout workers read the latest entry and unpack it. (A bucketed NCCL broadcast for full
+fine-tuning of the 12B models would implement the same publish / latest pair.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import ray
+import torch
+
+from cluster.config import LoraConfig
+
+# (name, dtype string, shape, offset, nbytes) per tensor, in buffer order.
+TensorMeta = tuple[str, str, tuple[int, ...], int, int]
+_ALIGN = 16  # every tensor starts at a multiple of this, so any dtype can be viewed in place
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Packing: state dict <-> one flat byte buffer.
+
+
+def pack_state(state: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, list[TensorMeta]]:
+    """One contiguous uint8 CPU buffer holding every tensor's bytes, and the metadata to cut it up again."""
+    meta: list[TensorMeta] = []
+    offset = 0
+    for name, tensor in state.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"state entry {name!r} is a {type(tensor).__name__}, not a tensor")
+        nbytes = tensor.numel() * tensor.element_size()
+        meta.append((name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape), offset, nbytes))
+        offset += -(-nbytes // _ALIGN) * _ALIGN
+    buffer = torch.zeros(offset, dtype=torch.uint8)
+    for (name, _, _, start, nbytes), tensor in zip(meta, state.values()):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        buffer[start:start + nbytes] = flat.view(torch.uint8)
+    return buffer, meta
+
+
+def unpack_state(buffer: torch.Tensor, meta: list[TensorMeta]) -> dict[str, torch.Tensor]:
+    """The exact tensors (bit for bit, any dtype) that `pack_state` packed, each in its own memory."""
+    if buffer.dtype != torch.uint8 or buffer.ndim != 1:
+        raise ValueError(f"a packed state is a 1-D uint8 buffer, got {buffer.dtype} of shape {tuple(buffer.shape)}")
+    state: dict[str, torch.Tensor] = {}
+    for name, dtype_name, shape, offset, nbytes in meta:
+        dtype = getattr(torch, dtype_name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"tensor {name!r}: unknown dtype {dtype_name!r}")
+        if offset + nbytes > buffer.numel():
+            raise ValueError(f"tensor {name!r} ends at byte {offset + nbytes}, past the buffer's {buffer.numel()}")
+        state[name] = buffer[offset:offset + nbytes].clone().view(dtype).reshape(shape)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The policy state of a transformer: a peft LoRA adapter or all its weights.
+
+
+def add_lora(transformer: torch.nn.Module, lora: LoraConfig) -> None:
+    """Add the job's LoRA adapter (B = 0, so the output is unchanged until weights arrive) to the transformer."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    names = [name for name, _ in transformer.named_modules()]
+    missing = [t for t in lora.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(
+            f"learner.lora.target_modules {missing} match no module of the {type(transformer).__name__}; "
+            f"target module names end in e.g. to_q, to_k, to_v, to_out.0 (attention projections)"
+        )
+    transformer.add_adapter(PeftLoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        init_lora_weights=True,
+    ))
+
+
+def policy_state(transformer: torch.nn.Module, finetune: str) -> dict[str, torch.Tensor]:
+    """What a policy version consists of: the LoRA adapter's tensors (peft names, no adapter name) or the full state."""
+    if finetune == "lora":
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(transformer)
+    if finetune == "full":
+        return transformer.state_dict()
+    raise ValueError(f"unknown finetune {finetune!r}; expected 'lora' or 'full'")
+
+
+@torch.no_grad()
+def apply_policy_state(transformer: torch.nn.Module, state: Mapping[str, torch.Tensor], finetune: str) -> None:
+    """Load a state from `policy_state` (of a transformer with the same adapter) into this transformer, exactly."""
+    expected = policy_state(transformer, finetune)
+    if set(state) != set(expected):
+        missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        raise ValueError(
+            f"the published {finetune} state does not fit this transformer: missing {missing[:5]} "
+            f"({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)}); same model and lora config?"
+        )
+    if finetune == "lora":
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(transformer, dict(state))
+    else:
+        transformer.load_state_dict(dict(state), strict=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The store: the latest published version, as a named Ray actor.
+
+
+@ray.remote(num_cpus=0)
+class WeightStore:
+    """Holds the latest `(version, [ref], meta)`; the ref stays in a list so that Ray passes it unresolved."""
+
+    def __init__(self) -> None:
+        self._latest: tuple[int, list[ray.ObjectRef], list[TensorMeta]] | None = None
+
+    def publish(self, version: int, ref_list: list[ray.ObjectRef], meta: list[TensorMeta]) -> bool:
+        """Keep this version if it is newer than the one held; say whether it was kept."""
+        if self._latest is not None and version <= self._latest[0]:
+            return False
+        self._latest = (version, list(ref_list), meta)
+        return True
+
+    def latest(self, newer_than: int = -1) -> tuple[int, list[ray.ObjectRef], list[TensorMeta]] | None:
+        """The latest entry, or None if nothing (newer than `newer_than`) was published."""
+        if self._latest is None or self._latest[0] <= newer_than:
+            return None
+        return self._latest
+
+
+def weight_store_name(run_name: str) -> str:
+    """The Ray name of a job's WeightStore; rollout actors look the store up by it (a handle passed to a restartable
+    actor's constructor would not survive its restart)."""
+    return f"{run_name}-weights"
+
+
+def weight_store(run_name: str) -> Any:
+    """The job's WeightStore actor, created on first use. Create it in the driver: it lives as long as its creator."""
+    return WeightStore.options(name=weight_store_name(run_name), get_if_exists=True).remote()
+
+
+def publish_weights(store: Any, version: int, state: Mapping[str, torch.Tensor]) -> bool:
+    """Pack a policy state, put it in the object store once, publish it as `version`; False if not newer."""
+    buffer, meta = pack_state(state)
+    return ray.get(store.publish.remote(version, [ray.put(buffer)], meta))
+

@@ -1,0 +1,93 @@
+"""`RolloutWorker`: the Ray actor that holds one model (text encoders, VAE, transformer + the policy's LoRA) and samples
+whole groups with `RolloutSampler`, always with the newest published policy weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from cluster.config import JobConfig
+from rollout.generate import RolloutSampler
+from rollout.models import PromptEmbeds, load_flow_model
+from rollout.prompts import PromptGroup
+from rollout.trajectory import SamplerSettings, Trajectories
+from rollout.weights import add_lora, apply_policy_state, unpack_state
+
+
+@ray.remote
+class RolloutWorker:
+    """One rollout actor. Create it with `RolloutWorker.options(num_cpus=..., num_gpus=..., max_restarts=...)`.
+
+    The constructor looks up the job's `WeightStore` by its name (when given) and loads the latest published weights,
+    so a restarted or newly added actor is never stale; before each group it checks the store again.
+    """
+
+    def __init__(self, cfg: JobConfig, store_name: str | None = None) -> None:
+        m = cfg.model
+        if m.build_tiny:
+            from rollout.tiny import ensure_tiny  # imports every pipeline class: only when needed
+
+            ensure_tiny(m.family, Path(m.path), seed=m.tiny_seed)
+        device = "cuda" if cfg.rollout.num_gpus_per_actor > 0 else "cpu"
+        model = load_flow_model(
+            m.path, m.family, dtype=getattr(torch, m.dtype), device=device,
+            allow_download=m.allow_download, max_sequence_length=m.max_sequence_length,
+        )
+        self._finetune = cfg.learner.finetune
+        if self._finetune == "lora":
+            add_lora(model.transformer, cfg.learner.lora)
+        model.transformer.requires_grad_(False).eval()
+        self._sampler = RolloutSampler(model, SamplerSettings.from_config(cfg), cfg.seed)
+        self._eval = cfg.eval
+        self._store: Any = None
+        if store_name is not None:
+            try:
+                self._store = ray.get_actor(store_name)
+            except ValueError:
+                raise ValueError(
+                    f"no WeightStore named {store_name!r} in this Ray namespace: the driver creates it with "
+                    f"rollout.weights.weight_store(run_name) before starting rollout workers"
+                ) from None
+        self._version = 0  # the base model (LoRA B = 0) until a version is published
+        self.refresh_weights()
+
+    def policy_version(self) -> int:
+        """The version of the weights in force."""
+        return self._version
+
+    def load_weights(self, version: int, ref_list: list[ray.ObjectRef], meta: list) -> int:
+        """Apply a published state if `version` is newer than the one in force; return the version in force."""
+        if version > self._version:
+            state = unpack_state(ray.get(ref_list[0]), meta)
+            apply_policy_state(self._sampler.model.transformer, state, self._finetune)
+            self._version = version
+        return self._version
+
+    def refresh_weights(self) -> int:
+        """Load the store's latest version if it is newer; return the version in force."""
+        if self._store is not None:
+            entry = ray.get(self._store.latest.remote(self._version))
+            if entry is not None:
+                self.load_weights(*entry)
+        return self._version
+
+    def sample_group(self, group: PromptGroup) -> Trajectories:
+        """G trajectories of one group with the newest weights, tagged with their policy version."""
+        self.refresh_weights()
+        return self._sampler.sample_group(group, self._version)
+
+    def sample_eval(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+        """Evaluation images (ODE, eval.num_steps, fixed seeds) with the newest weights: uint8 (B, H, W, 3)."""
+        self.refresh_weights()
+        return self._sampler.sample_eval(prompts, seeds, num_steps=self._eval.num_steps,
+                                         batch_size=self._eval.batch_size)
+
+    def negative_embeds(self) -> PromptEmbeds | None:
+        """The empty prompt's embeddings (CPU) that true CFG needs in the learner's forward; None for FLUX."""
+        negative = self._sampler.negative
+        return negative.to("cpu") if negative is not None else None
