@@ -64,10 +64,18 @@ class ScorerActor:
     """One scorer in one actor process; `target` is the driver's registry entry, so run-time registrations work."""
 
     def __init__(self, name: str, target: str, options: Mapping[str, Any]):
-        from rewards.registry import REGISTRY, build
+        import inspect
+
+        import ray
+
+        from rewards.registry import REGISTRY, build, scorer_class
 
         REGISTRY[name] = target
-        self.scorer = build(name, **dict(options))
+        options = dict(options)
+        # An actor given a GPU puts its model there unless the scorer's options say otherwise.
+        if ray.get_gpu_ids() and "device" not in options and "device" in inspect.signature(scorer_class(name)).parameters:
+            options["device"] = "cuda"
+        self.scorer = build(name, **options)
 
     def pid(self) -> int:
         return os.getpid()
