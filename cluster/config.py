@@ -116,6 +116,8 @@ class LearnerConfig(PoolConfig):
     adam_eps: float = Field(1e-8, gt=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     clip_range: float = Field(1e-4, gt=0.0)
+    log_prob_reduction: Literal["mean", "sum"] = Field(
+        "mean", description="per-element mean (the papers, clip ~1e-4) or sum over the latent (an ordinary clip ~0.2)")
     beta: float = Field(0.0, ge=0.0, description="KL weight")
     updates_per_iteration: int = Field(2, ge=1)
     micro_batch_size: int = Field(1, ge=1, description="samples per learner rank per forward")

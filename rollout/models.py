@@ -271,21 +271,11 @@ def _load_component(cls: type, folder: Path, subfolder: str, dtype: torch.dtype)
     return cls.from_pretrained(str(folder), **kwargs)
 
 
-def load_flow_model(
-    path: str,
-    family: Family,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
-    allow_download: bool = False,
-    parts: Collection[str] = PARTS,
-    max_sequence_length: int | None = None,
-) -> FlowModel:
-    """Load a FLUX.1 / SD3.5 model from a local diffusers folder or a hub id; `parts` picks what to load.
-
-    A path that is not an existing folder is taken as a hub id and read from the local Hugging Face cache, or
-    downloaded (only the needed subfolders) when `allow_download`. The learner loads only ("transformer",).
-    """
+def locate_model(
+    path: str, family: Family, *, allow_download: bool = False, parts: Collection[str] = PARTS
+) -> tuple[Path, dict[str, type]]:
+    """The local folder holding the model's `parts` (resolving a hub id through the cache) and the component classes
+    to load from it; ModelLoadError, naming what is missing, before anything is loaded."""
     model_class = _model_class(family)
     unknown = set(parts) - set(PARTS)
     if unknown or not parts:
@@ -302,6 +292,26 @@ def load_flow_model(
             f"the {family} model at {path} is incomplete: {listed} "
             f"(parts {sorted(parts)} need {', '.join(wanted)})"
         )
+    return folder, wanted
+
+
+def load_flow_model(
+    path: str,
+    family: Family,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    allow_download: bool = False,
+    parts: Collection[str] = PARTS,
+    max_sequence_length: int | None = None,
+) -> FlowModel:
+    """Load a FLUX.1 / SD3.5 model from a local diffusers folder or a hub id; `parts` picks what to load.
+
+    A path that is not an existing folder is taken as a hub id and read from the local Hugging Face cache, or
+    downloaded (only the needed subfolders) when `allow_download`. The learner loads only ("transformer",).
+    """
+    model_class = _model_class(family)
+    folder, wanted = locate_model(path, family, allow_download=allow_download, parts=parts)
 
     modules: dict[str, Any] = {}
     for sub, cls in wanted.items():

@@ -116,15 +116,19 @@ class RolloutPool:
                 self._remove(slot)
         self._dispatch()
 
-    def sample_eval(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
-        """Evaluation images for (prompt, seed) pairs, batches spread over the workers: uint8 (B, H, W, 3) in order."""
+    def sample_eval(self, prompts: Sequence[str], seeds: Sequence[int],
+                    weights: tuple[list[ray.ObjectRef], list] | None = None) -> torch.Tensor:
+        """Evaluation images for (prompt, seed) pairs, batches spread over the workers: uint8 (B, H, W, 3) in order.
+
+        `weights`: a packed state (ref_list, meta), e.g. the EMA weights, used instead of the policy for these images.
+        """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} evaluation prompts but {len(seeds)} seeds")
         workers = self.workers
         size = self._cfg.eval.batch_size
         starts = range(0, len(prompts), size)
         refs = [
-            workers[i % len(workers)].sample_eval.remote(list(prompts[at:at + size]), list(seeds[at:at + size]))
+            workers[i % len(workers)].sample_eval.remote(list(prompts[at:at + size]), list(seeds[at:at + size]), weights)
             for i, at in enumerate(starts)
         ]
         res = self._cfg.model.resolution

@@ -16,7 +16,7 @@ from rollout.generate import RolloutSampler
 from rollout.models import PromptEmbeds, load_flow_model
 from rollout.prompts import PromptGroup
 from rollout.trajectory import SamplerSettings, Trajectories
-from rollout.weights import add_lora, apply_policy_state, unpack_state
+from rollout.weights import add_lora, apply_policy_state, policy_state, unpack_state
 
 
 @ray.remote
@@ -81,11 +81,25 @@ class RolloutWorker:
         self.refresh_weights()
         return self._sampler.sample_group(group, self._version)
 
-    def sample_eval(self, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
-        """Evaluation images (ODE, eval.num_steps, fixed seeds) with the newest weights: uint8 (B, H, W, 3)."""
+    def sample_eval(self, prompts: Sequence[str], seeds: Sequence[int],
+                    weights: tuple[list[ray.ObjectRef], list] | None = None) -> torch.Tensor:
+        """Evaluation images (ODE, eval.num_steps, fixed seeds): uint8 (B, H, W, 3).
+
+        With the newest policy weights, or with `weights` = (ref_list, meta) of a packed state (the EMA weights)
+        applied for this call only.
+        """
         self.refresh_weights()
-        return self._sampler.sample_eval(prompts, seeds, num_steps=self._eval.num_steps,
-                                         batch_size=self._eval.batch_size)
+        transformer = self._sampler.model.transformer
+        policy = None
+        if weights is not None:
+            policy = {k: v.clone() for k, v in policy_state(transformer, self._finetune).items()}
+            apply_policy_state(transformer, unpack_state(ray.get(weights[0][0]), weights[1]), self._finetune)
+        try:
+            return self._sampler.sample_eval(prompts, seeds, num_steps=self._eval.num_steps,
+                                             batch_size=self._eval.batch_size)
+        finally:
+            if policy is not None:
+                apply_policy_state(transformer, policy, self._finetune)
 
     def negative_embeds(self) -> PromptEmbeds | None:
         """The empty prompt's embeddings (CPU) that true CFG needs in the learner's forward; None for FLUX."""

@@ -95,6 +95,7 @@ BAD = [
     (["learner.lr=abc"], "learner.lr"),
     (["learner.lr=-1"], "learner.lr"),
     (["learner.zero_stage=1"], "learner.zero_stage"),
+    (["learner.log_prob_reduction=max"], "learner.log_prob_reduction"),
     (["learner.lora=null"], "learner.lora"),
     (["rewards.scorers=[]"], "rewards.scorers"),
     (["rewards.scorers=[{name: jpeg_compressibility, weight: 0}]"], "rewards.scorers"),

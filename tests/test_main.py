@@ -17,15 +17,16 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_tiny_job_builds_the_model_and_samples(tmp_path):
+def test_tiny_job_builds_the_model_on_first_use_and_trains(tmp_path):
     model_dir = tmp_path / "tiny-flux"
-    r = run_main("--set", f"model.path={model_dir}")
+    r = run_main("--set", f"model.path={model_dir}", "--set", f"output_dir={tmp_path / 'out'}",
+                 "--set", "iterations=1", "--set", "eval.every_n_iterations=0")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (model_dir / "transformer" / "config.json").is_file()  # built on first use
     out = r.stdout
     assert "started a local Ray on 127.0.0.1" in out
-    assert "sampled one 64x64 image" in out
-    assert "nothing was trained" in out
+    assert "iter 1/1 v1" in out and "done: 1 iterations" in out
+    assert (tmp_path / "out" / "checkpoints" / "iter-000001" / "trainer.json").is_file()
 
 
 @pytest.mark.slow

@@ -1,0 +1,348 @@
+"""The learner: one Ray actor per rank running DeepSpeed ZeRO (stage 2 or 3) on the transformer (MATH.md, "GRPO").
+
+Each rank loads the transformer only (prompt embeddings travel with the trajectories), adds the job's peft LoRA (or
+trains all weights), and wraps it in a DeepSpeed engine with torch's AdamW, gradient-norm clipping and fp32/bf16.
+The driver builds the group and calls, on all ranks at once:
+
+    group = ActorGroup(LearnerActor, cfg.learner.num_actors, num_cpus_per_actor=..., num_gpus_per_actor=...)
+    ray.get(group.run("setup", cfg, negative=negative_embeds, store=weight_store(cfg.run_name)))
+    metrics = ray.get(group.run("train_iteration", groups_ref, rewards_ref))[0]
+
+Gradient accumulation: every rank runs M micro-batches × K trained steps per optimizer update (M =
+images_per_iteration / (updates_per_iteration × ranks × micro_batch_size), K = cfg.trained_steps) and calls
+`engine.backward` once per (micro-batch, step) with that call's mean loss; DeepSpeed divides by its accumulation count
+M·K and averages over ranks, so an update's gradient is the mean over its micro-batches and steps.
+
+Weights out: after an iteration's updates rank 0 publishes the policy state (peft LoRA keys, or the full state dict) as
+one flat buffer to the WeightStore, version = optimizer updates applied so far; under ZeRO-3 every rank takes part in
+gathering it. The EMA (rank 0, CPU float32) has the same keys. The recorded log-probs are reproduced exactly only when
+the learner computes as the rollout did: `learner.precision` matching `model.dtype`, and `lora.dropout` 0 (the module
+then stays in eval mode, as for sampling).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from cluster.config import JobConfig
+from learner.checkpoint import fill_live
+from learner.ema import Ema
+from learner.group import DistributedActor
+from learner.train_step import (
+    MicroBatch,
+    UpdateStats,
+    adapter_disabled,
+    batch_advantages,
+    micro_batch,
+    sample_order,
+    score_recorded_step,
+    sort_batch,
+    step_loss,
+    update_plan,
+)
+from rollout.models import FlowModel, PromptEmbeds, load_flow_model
+from rollout.trajectory import Trajectories
+from rollout.weights import add_lora, apply_policy_state, policy_state, publish_weights
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def micro_batches_per_update(cfg: JobConfig) -> int:
+    """M: micro-batches per rank per optimizer update (fixed: DeepSpeed's accumulation count depends on it)."""
+    lc = cfg.learner
+    return cfg.data.images_per_iteration // (lc.updates_per_iteration * lc.num_actors * lc.micro_batch_size)
+
+
+def deepspeed_config(cfg: JobConfig) -> dict[str, Any]:
+    """The DeepSpeed config of the job: ZeRO stage, precision, clipping, and M·K accumulation steps per update."""
+    lc = cfg.learner
+    return {
+        "train_micro_batch_size_per_gpu": lc.micro_batch_size,
+        "gradient_accumulation_steps": micro_batches_per_update(cfg) * cfg.trained_steps,
+        "gradient_clipping": lc.max_grad_norm,
+        "zero_optimization": {"stage": lc.zero_stage},
+        # a non-finite gradient norm skips the step (DeepSpeed checks it for fp32 always, for bf16 only with this)
+        "bf16": {"enabled": lc.precision == "bf16", "check_grad_overflow": True},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW: DeepSpeed's own would JIT-compile FusedAdam
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+class EngineForward:
+    """The transformer as `FlowModel.velocity` sees it: calls run the DeepSpeed engine's forward (which arms its
+    backward hooks), attributes such as `config` are the module's (the engine's own `config` is DeepSpeed's)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.engine(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine.module, name)
+
+
+class LearnerActor(DistributedActor):
+    """One learner rank: the DeepSpeed engine, the optimizer-step and policy-version counters, and (rank 0) the EMA."""
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Set-up
+
+    def setup(self, cfg: JobConfig, negative: PromptEmbeds | None = None, store: Any = None) -> dict[str, Any]:
+        """Load the transformer, add the adapter, start DeepSpeed (a collective: call on all ranks at once).
+
+        `negative`: the empty prompt's embeddings (one row), needed for true CFG (SD3). `store`: the job's
+        WeightStore actor; without it nothing is published. Returns a short description of the set-up.
+        """
+        import deepspeed
+
+        started = time.perf_counter()
+        # DeepSpeed's collectives call torch.distributed functions that torch deprecates: one warning per call
+        warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed",
+                                category=FutureWarning)
+        self.cfg, lc = cfg, cfg.learner
+        on_gpu = lc.num_gpus_per_actor > 0
+        if on_gpu and not torch.cuda.is_available():
+            raise RuntimeError("learner.num_gpus_per_actor > 0 but this learner actor sees no CUDA device")
+        self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
+        if not on_gpu:
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skips a 30-50 s JIT build, same results
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+
+        dtype = PRECISION_DTYPES[lc.precision]
+        self.model = self._load_model(dtype)
+        if self.model.true_cfg and cfg.sampler.guidance_scale != 1.0 and negative is None:
+            raise ValueError(f"{cfg.model.family} samples with true CFG (guidance_scale {cfg.sampler.guidance_scale}):"
+                             f" the learner needs the negative prompt embeddings; pass negative= to setup")
+        self.negative = negative.to(self.device) if negative is not None else None
+        transformer = self.model.transformer
+        torch.manual_seed(cfg.seed)  # the same initial adapter on every rank and in every run
+        if lc.finetune == "lora":
+            transformer.requires_grad_(False)
+            add_lora(transformer, lc.lora)
+            transformer.train(lc.lora.dropout > 0)  # eval mode otherwise: the sampling forward has no dropout
+        else:
+            transformer.requires_grad_(True)
+        if lc.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        self.reference: FlowModel | None = None
+        if lc.finetune == "full" and lc.beta > 0:
+            self.reference = self._load_model(dtype)
+            self.reference.transformer.requires_grad_(False)
+
+        trainable = [p for p in transformer.parameters() if p.requires_grad]
+        num_trainable = sum(p.numel() for p in trainable)  # before ZeRO-3 partitions them
+        optimizer = torch.optim.AdamW(trainable, lr=lc.lr, betas=tuple(lc.adam_betas), eps=lc.adam_eps,
+                                      weight_decay=lc.weight_decay)
+        self.engine, *_ = deepspeed.initialize(model=transformer, optimizer=optimizer, config=deepspeed_config(cfg))
+        self.model.transformer = EngineForward(self.engine)
+        self.store = store
+        self.optimizer_steps = 0  # applied optimizer updates = the policy version
+        self.iterations = 0
+        initial = self._policy_state(everyone=False)
+        self.ema = Ema(initial) if lc.ema.enabled and self.rank == 0 else None
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "device": str(self.device),
+            "trainable_parameters": num_trainable,
+            "gradient_accumulation_steps": self.engine.gradient_accumulation_steps(),
+            "setup_s": time.perf_counter() - started,
+        }
+
+    def _load_model(self, dtype: torch.dtype) -> FlowModel:
+        m = self.cfg.model
+        return load_flow_model(m.path, m.family, dtype=dtype, device=str(self.device), allow_download=m.allow_download,
+                               parts=("transformer",), max_sequence_length=m.max_sequence_length)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The trained transformer itself (inside the engine)."""
+        return self.engine.module
+
+    @property
+    def policy_version(self) -> int:
+        """Number of optimizer updates applied so far: the version of the weights the rollouts sample with."""
+        return self.optimizer_steps
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Training
+
+    def train_iteration(
+        self, groups: Sequence[Trajectories], rewards: Sequence[Sequence[float] | torch.Tensor]
+    ) -> dict[str, Any]:
+        """One iteration: advantages over all its groups, `updates_per_iteration` optimizer updates, then publish.
+
+        `groups` may hold Trajectories or object refs to them (fetched here, so a driver can pass the rollouts' refs
+        on); `rewards[i]` is the (G,) weighted reward of `groups[i]`; order does not matter (the batch is sorted by
+        group_id). Returns the advantage statistics and one metrics dict per update, identical on every rank.
+        """
+        import ray
+
+        started = time.perf_counter()
+        groups = [ray.get(g) if isinstance(g, ray.ObjectRef) else g for g in groups]
+        cfg, lc = self.cfg, self.cfg.learner
+        groups, rewards = sort_batch(groups, rewards, cfg.trained_steps)
+        adv, adv_stats = batch_advantages(groups, rewards, std=lc.advantage_std, clip=lc.advantage_clip)
+        samples = sample_order(groups)
+        num_micro = micro_batches_per_update(cfg)
+        keep = None
+        if lc.drop_zero_advantage:
+            nonzero = adv != 0
+            if int(nonzero.sum()) >= lc.updates_per_iteration * self.world_size * num_micro:
+                keep = nonzero  # else too few samples carry signal to fill the fixed micro-batches: keep them all
+        plan = update_plan(len(samples), num_updates=lc.updates_per_iteration, num_ranks=self.world_size,
+                           micro_batches=num_micro, keep=keep)
+
+        updates = []
+        for update in plan:
+            stats = UpdateStats()
+            for positions in update[self.rank]:
+                mb = micro_batch(groups, [samples[i] for i in positions], adv[positions], self.device)
+                for k in range(mb.num_steps):
+                    self._train_step(mb, k, stats)
+            trained = adv[[i for share in update for positions in share for i in positions]]
+            updates.append({**self._finish_update(stats), "samples": float(trained.numel()),
+                            "advantage_mean": float(trained.mean()),
+                            "advantage_std": float(trained.std(correction=0))})
+        self.iterations += 1
+        published = self.publish()
+        return {
+            "iteration": self.iterations,
+            "policy_version": self.policy_version,
+            "published": published,
+            "samples": len(samples),
+            "samples_trained": len(samples) if keep is None else int(keep.sum()),
+            **adv_stats,
+            "updates": updates,
+            "train_s": time.perf_counter() - started,
+        }
+
+    def _train_step(self, mb: MicroBatch, k: int, stats: UpdateStats) -> None:
+        """Loss of one (micro-batch, trained step), backward and DeepSpeed's micro-step."""
+        lc = self.cfg.learner
+        reference_mean = self._reference_mean(mb, k) if lc.beta > 0 else None
+        scored = score_recorded_step(self.model, mb, k, self.negative)
+        # "sum": the log-prob summed over the latent elements instead of averaged (MATH.md), i.e. scaled by D
+        scale = float(scored.prev_sample[0].numel()) if lc.log_prob_reduction == "sum" else 1.0
+        loss, policy, kl_value = step_loss(scored, mb, k, clip_range=lc.clip_range, beta=lc.beta,
+                                           reference_mean=reference_mean, log_prob_scale=scale)
+        self.engine.backward(loss)
+        self.engine.step()  # applies the update only at the accumulation boundary (after M·K calls)
+        stats.add(loss, policy, kl_value, scored.log_prob * scale, mb.old_log_probs[:, k] * scale, lc.clip_range)
+
+    @torch.no_grad()
+    def _reference_mean(self, mb: MicroBatch, k: int) -> torch.Tensor:
+        """Mean of the step under the reference policy: the frozen copy, or this network with the adapter disabled."""
+        if self.reference is not None:
+            return score_recorded_step(self.reference, mb, k, self.negative).mean
+        with adapter_disabled(self.module):
+            return score_recorded_step(self.model, mb, k, self.negative).mean
+
+    def _finish_update(self, stats: UpdateStats) -> dict[str, float]:
+        """After an update's last micro-step: counters, EMA, and the update's metrics reduced over ranks."""
+        if self.engine.micro_steps % self.engine.gradient_accumulation_steps():
+            raise RuntimeError("an update ended off DeepSpeed's accumulation boundary: the micro-batch count changed")
+        applied = bool(self.engine.was_step_applied())
+        grad_norm = self.engine.get_global_grad_norm()
+        if applied:
+            self.optimizer_steps += 1
+            if self.cfg.learner.ema.enabled and self.optimizer_steps % self.cfg.learner.ema.every == 0:
+                state = self._policy_state(everyone=False)
+                if self.ema is not None:
+                    self.ema.update(state)
+        stats.reduce(self._all_reduce if self.world_size > 1 else None)
+        return {
+            **stats.summary(),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "step_applied": float(applied),
+            "policy_version": float(self.policy_version),
+        }
+
+    def _all_reduce(self, tensor: torch.Tensor, op: str) -> None:
+        import torch.distributed as dist
+
+        work = tensor.to(self.device)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+        tensor.copy_(work.cpu())
+
+    # ---------------------------------------------------------------------------------------------------------------
+    # Weights out: publishing, EMA and the state a checkpoint needs
+
+    def _gathered(self, params: list[torch.nn.Parameter], modifier_rank: int | None = None):
+        """ZeRO-3: the full parameters on every rank inside the block (a collective); a no-op for ZeRO-2."""
+        import deepspeed
+
+        if self.cfg.learner.zero_stage != 3:
+            return contextlib.nullcontext()
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+    def _policy_params(self) -> list[torch.nn.Parameter]:
+        if self.cfg.learner.finetune == "lora":
+            return [p for p in self.module.parameters() if p.requires_grad]
+        return list(self.module.parameters())
+
+    def _policy_state(self, everyone: bool) -> dict[str, torch.Tensor] | None:
+        """CPU copies of the policy weights (peft LoRA keys, or the full state); all ranks must call (ZeRO-3 gathers).
+
+        Returns the state on rank 0, and on the other ranks too when `everyone`; else None there.
+        """
+        with self._gathered(self._policy_params()):
+            if self.rank != 0 and not everyone:
+                return None
+            state = policy_state(self.module, self.cfg.learner.finetune)
+            return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def publish(self) -> int | None:
+        """Publish the current weights to the WeightStore as version = optimizer updates so far (rank 0; all call).
+
+        One flat CPU buffer, put in the object store once. Returns the version published, or None (no store, or
+        not rank 0).
+        """
+        state = self._policy_state(everyone=False)
+        if self.rank != 0 or self.store is None:
+            return None
+        publish_weights(self.store, self.policy_version, state)
+        return self.policy_version
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The policy weights as published (peft LoRA keys, or the full state), CPU copies; all ranks call."""
+        return self._policy_state(everyone=True)
+
+    def ema_state(self) -> dict[str, torch.Tensor] | None:
+        """The EMA weights (CPU float32, same keys as `trainable_state`) on rank 0; None elsewhere or when disabled."""
+        return None if self.ema is None else {k: v.clone() for k, v in self.ema.weights.items()}
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """This rank's ZeRO optimizer state (its partition of the fp32 master weights and Adam moments)."""
+        return self.engine.optimizer.state_dict()
+
+    def counters(self) -> dict[str, int]:
+        """Step counters: optimizer updates (= policy version), iterations, EMA updates."""
+        return {"optimizer_steps": self.optimizer_steps, "iterations": self.iterations,
+                "ema_updates": self.ema.num_updates if self.ema is not None else 0}
+
+    def state(self) -> dict[str, Any]:
+        """Everything this rank needs to resume: weights, its optimizer partition, EMA (rank 0), counters."""
+        return {"weights": self.trainable_state(), "optimizer": self.optimizer_state(),
+                "ema": self.ema.state_dict() if self.ema is not None else None, "counters": self.counters()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Resume from this rank's `state()` (same world size and config); all ranks call at once."""
+        with self._gathered(self._policy_params(), modifier_rank=0):
+            apply_policy_state(self.module, state["weights"], self.cfg.learner.finetune)
+        optimizer_states: list[Any] = [None] * self.world_size
+        # values that are not data (loss scaler, fragment maps) come back as placeholders: take them from the engine
+        optimizer_states[self.rank] = fill_live(state["optimizer"], self.engine.optimizer.state_dict())
+        self.engine.optimizer.load_state_dict(optimizer_states, load_from_fp32_weights=True)
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.optimizer_steps = int(state["counters"]["optimizer_steps"])
+        self.iterations = int(state["counters"]["iterations"])

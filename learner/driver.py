@@ -1,0 +1,270 @@
+"""The job's loop, top to bottom: prompt groups → rollouts → rewards → advantages → learner → weights back.
+
+Synchronous mode samples each iteration with the weights its previous iteration produced (strictly on-policy). In
+overlapped mode the rollouts of iteration k+1 run while the learner trains on iteration k, so they are one iteration
+stale (`learner.max_staleness` ≥ 1 allows it; 0 keeps the synchronous order).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import ray
+import torch
+from tqdm import tqdm
+
+from cluster.config import JobConfig
+from learner.actor import LearnerActor
+from learner.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from learner.group import ActorGroup
+from rewards.service import GroupRewards, RewardError, RewardService
+from rollout.models import locate_model
+from rollout.pool import RolloutPool
+from rollout.prompts import GroupSampler
+from rollout.sources import eval_prompts, training_prompts
+from rollout.trajectory import Trajectories
+from rollout.weights import pack_state, weight_store, weight_store_name
+
+
+def absolute_paths(cfg: JobConfig) -> JobConfig:
+    """The config with local paths made absolute, so that actors (whatever their working folder) find them."""
+
+    def local(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+    m = cfg.model
+    model_path = str(Path(m.path).resolve()) if m.build_tiny or Path(m.path).exists() else m.path
+    return cfg.model_copy(update={
+        "output_dir": str(Path(cfg.output_dir).resolve()),
+        "model": m.model_copy(update={"path": model_path}),
+        "data": cfg.data.model_copy(update={"path": local(cfg.data.path), "exclude_path": local(cfg.data.exclude_path)}),
+        "eval": cfg.eval.model_copy(update={"path": local(cfg.eval.path)}),
+    })
+
+
+class Job:
+    """The actors of one training job and the loop that drives them."""
+
+    def __init__(self, cfg: JobConfig, say: Callable[[str], None] = print) -> None:
+        self.cfg = cfg = absolute_paths(cfg)
+        self.say = say
+        if cfg.model.build_tiny:
+            from rollout.tiny import ensure_tiny
+
+            ensure_tiny(cfg.model.family, Path(cfg.model.path), seed=cfg.model.tiny_seed)
+        locate_model(cfg.model.path, cfg.model.family, allow_download=cfg.model.allow_download)  # fail before actors
+        self.sampler = GroupSampler(training_prompts(cfg.data, seed=cfg.seed), group_size=cfg.data.group_size,
+                                    seed=cfg.seed, shuffle=cfg.data.shuffle)
+        self.groups_per_iteration = cfg.data.images_per_iteration // cfg.data.group_size
+        say(f"{self.sampler.num_items} training prompts from '{cfg.data.source}', "
+            f"{self.groups_per_iteration} groups x {cfg.data.group_size} per iteration")
+
+        started = time.perf_counter()
+        store_key = f"{cfg.run_name}-{uuid.uuid4().hex[:8]}"  # two jobs on one cluster never share a store
+        self.store = weight_store(store_key)
+        self.pool = RolloutPool(cfg, weight_store_name(store_key))
+        self.rewards = RewardService(cfg.rewards)
+        negative = self.pool.negative_embeds()
+        lc = cfg.learner
+        self.learner = ActorGroup(LearnerActor, lc.num_actors, num_cpus_per_actor=lc.num_cpus_per_actor,
+                                  num_gpus_per_actor=lc.num_gpus_per_actor)
+        info = ray.get(self.learner.run("setup", cfg, negative, self.store))[0]
+        say(f"actors up in {time.perf_counter() - started:.1f} s: {self.pool.num_workers} rollout, "
+            f"{sum(1 for _ in cfg.rewards.scorers) * cfg.rewards.num_actors} reward, {lc.num_actors} learner "
+            f"(ZeRO-{lc.zero_stage}, {lc.precision}, {info['trainable_parameters']:,} trainable parameters)")
+        self.iteration = 0
+        self.last_advantages: dict[str, float] = {}
+
+    # -----------------------------------------------------------------------------------------------------------------
+
+    def resume(self, resume: str) -> None:
+        """Continue from a checkpoint ('auto': the newest in output_dir, if any); then publish the weights in force."""
+        folder = resolve_resume(self.cfg, resume)
+        if folder is not None:
+            trainer, states = load_checkpoint(folder, len(self.learner))
+            ray.get([actor.load_state.remote(state) for actor, state in zip(self.learner.actors, states)])
+            self.sampler.load_state_dict(trainer["prompt_cursor"])
+            self.iteration = trainer["iteration"]
+            self.last_advantages = trainer.get("advantages", {})
+            self.say(f"resumed from {folder} at iteration {self.iteration}")
+        ray.get(self.learner.run("publish"))
+
+    def run(self) -> list[dict[str, Any]]:
+        """Train until `iterations`; return one summary dict per iteration."""
+        cfg = self.cfg
+        overlapped = cfg.learner.mode == "overlapped" and cfg.learner.max_staleness >= 1
+        history = []
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        self.pool.submit(self.sampler.take(self.groups_per_iteration))
+        while self.iteration < cfg.iterations:
+            it_started = time.perf_counter()
+            batch, rewards, times = self.collect()
+            next_cursor = None  # where the next batch was taken from: a checkpoint resumes there
+            if overlapped and self.iteration + 1 < cfg.iterations:
+                next_cursor = self.sampler.state_dict()
+                self.pool.submit(self.sampler.take(self.groups_per_iteration))  # sampled while the learner trains
+
+            version_before = self.policy_version()
+            refs = [ray.put(t) for t in batch]
+            started = time.perf_counter()
+            stats = ray.get(self.learner.run("train_iteration", refs, [r.total for r in rewards]))[0]
+            times["train"] = time.perf_counter() - started
+            self.iteration += 1
+            self.last_advantages = {k: stats[k] for k in ("advantage_mean", "advantage_std", "zero_std_group_frac")
+                                    if k in stats}
+
+            if not overlapped and self.iteration < cfg.iterations:
+                next_cursor = self.sampler.state_dict()
+                self.pool.submit(self.sampler.take(self.groups_per_iteration))
+            summary = self.summarise(batch, rewards, stats, times, version_before)
+            if cfg.eval.every_n_iterations and (self.iteration % cfg.eval.every_n_iterations == 0
+                                                or self.iteration == cfg.iterations):
+                started = time.perf_counter()
+                summary["eval"] = self.evaluate()
+                times["eval"] = time.perf_counter() - started
+            every = cfg.checkpoint.every_n_iterations
+            if self.iteration == cfg.iterations or (every and self.iteration % every == 0):
+                started = time.perf_counter()
+                self.checkpoint(next_cursor if next_cursor is not None else self.sampler.state_dict())
+                times["checkpoint"] = time.perf_counter() - started
+            times["iteration"] = time.perf_counter() - it_started
+            self.say(progress_line(self.iteration, cfg.iterations, summary, times))
+            history.append({**summary, "times": dict(times)})
+            with open(Path(cfg.output_dir) / "history.jsonl", "a") as f:  # one line per iteration, for plots
+                f.write(json.dumps(history[-1]) + "\n")
+        return history
+
+    def shutdown(self) -> None:
+        for close in (self.pool.shutdown, self.rewards.shutdown, self.learner.kill, lambda: ray.kill(self.store)):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - best effort at the end of a job
+                pass
+
+    # -----------------------------------------------------------------------------------------------------------------
+
+    def collect(self) -> tuple[list[Trajectories], list[GroupRewards], dict[str, float]]:
+        """One iteration's groups, each scored as soon as its rollout arrives; groups whose reward failed are dropped."""
+        started = time.perf_counter()
+        trajectories: dict[int, Trajectories] = {}
+        handles = {}
+        with tqdm(total=self.groups_per_iteration, desc=f"rollout {self.iteration + 1}", unit="group",
+                  leave=False, disable=None) as bar:
+            while len(trajectories) < self.groups_per_iteration:
+                traj = self.pool.next_result()
+                if traj is None:
+                    raise RuntimeError("the rollout pool has nothing pending but the iteration is not complete")
+                trajectories[traj.group_id] = traj
+                n = traj.group_size
+                handles[traj.group_id] = self.rewards.submit(traj.images.numpy(), [traj.prompt] * n,
+                                                             [traj.metadata] * n, group_id=traj.group_id)
+                bar.update(1)
+        rollout_done = time.perf_counter()
+        batch, rewards = [], []
+        for group_id in sorted(handles):
+            try:
+                scored = self.rewards.collect(handles[group_id])
+            except RewardError as e:
+                self.say(f"group {group_id} dropped: {e}")
+                continue
+            batch.append(trajectories[group_id])
+            rewards.append(scored)
+        if not batch:
+            raise RuntimeError(f"every group of iteration {self.iteration + 1} failed its reward")
+        return batch, rewards, {"rollout": rollout_done - started, "reward": time.perf_counter() - rollout_done}
+
+    def policy_version(self) -> int:
+        return int(ray.get(self.learner.actors[0].counters.remote())["optimizer_steps"])
+
+    def summarise(self, batch: list[Trajectories], rewards: list[GroupRewards], stats: dict[str, Any],
+                  times: dict[str, float], version_before: int) -> dict[str, Any]:
+        """The numbers of one iteration: rewards per scorer, learner statistics (mean over updates), staleness."""
+        total = np.concatenate([r.total for r in rewards])
+        per_scorer = {name: float(np.concatenate([r.scores[name] for r in rewards]).mean()) for name in rewards[0].scores}
+        updates = stats["updates"]
+        learner = {k: float(np.mean([u[k] for u in updates])) for k in
+                   ("loss", "policy_loss", "kl", "clip_frac", "ratio_mean", "ratio_std", "approx_kl", "grad_norm")}
+        return {
+            "iteration": self.iteration,
+            "policy_version": stats["policy_version"],
+            "groups": len(batch),
+            "groups_dropped": self.groups_per_iteration - len(batch),
+            "reward_mean": float(total.mean()),
+            "reward_std": float(total.std()),
+            "rewards": per_scorer,
+            "zero_std_group_frac": stats.get("zero_std_group_frac", 0.0),
+            "staleness": max(version_before - t.policy_version for t in batch),
+            **learner,
+        }
+
+    def evaluate(self) -> dict[str, Any]:
+        """ODE samples of the fixed evaluation prompts and seeds with the EMA weights (the policy when EMA is off):
+        a PNG grid under output_dir/eval and the mean of each scorer (GenEval per-tag accuracy when it is on)."""
+        cfg = self.cfg
+        items = eval_prompts(cfg.eval)
+        seeds = [cfg.eval.seed + i for i in range(len(items))]
+        ema = ray.get(self.learner.actors[0].ema_state.remote())
+        weights = None
+        if ema is not None:
+            buffer, meta = pack_state(ema)
+            weights = ([ray.put(buffer)], meta)
+        images = self.pool.sample_eval([i.prompt for i in items], seeds, weights)
+        scored = self.rewards.score(images.numpy(), [i.prompt for i in items], [i.metadata for i in items],
+                                    group_id=-self.iteration)
+        result: dict[str, Any] = {name: float(s.mean()) for name, s in scored.scores.items()}
+        if "geneval/accuracy" in scored.metrics:
+            tags = [i.metadata.get("tag", "?") for i in items]
+            acc = scored.metrics["geneval/accuracy"]
+            result["geneval_accuracy_by_tag"] = {t: float(np.mean([a for a, tt in zip(acc, tags) if tt == t]))
+                                                 for t in sorted(set(tags))}
+        path = Path(cfg.output_dir) / "eval" / f"iter-{self.iteration:06d}.png"
+        save_grid(images, path)
+        result["grid"] = str(path)
+        return result
+
+    def checkpoint(self, cursor: dict[str, Any]) -> Path:
+        """Every rank's state, the prompt cursor of the next batch, and the exported (EMA) LoRA."""
+        states = ray.get(self.learner.run("state"))
+        export = None
+        if self.cfg.learner.finetune == "lora":
+            export = ray.get(self.learner.actors[0].ema_state.remote()) or states[0]["weights"]
+        trainer = {"policy_version": states[0]["counters"]["optimizer_steps"], "prompt_cursor": cursor,
+                   "advantages": self.last_advantages}
+        return save_checkpoint(self.cfg, self.iteration, trainer, states, export)
+
+
+def save_grid(images: torch.Tensor, path: Path) -> None:
+    """uint8 (N, H, W, 3) images as one PNG grid, written atomically."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    cols = max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / cols))
+    grid = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images.numpy()):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(grid).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def progress_line(iteration: int, total: int, s: dict[str, Any], times: dict[str, float]) -> str:
+    """One line per iteration: rewards, learner statistics, stage seconds."""
+    stages = " ".join(f"{k} {v:.1f}s" for k, v in times.items())
+    scorers = ", ".join(f"{k} {v:.5g}" for k, v in s["rewards"].items())
+    line = (f"iter {iteration}/{total} v{s['policy_version']} | reward {s['reward_mean']:.5g} ± {s['reward_std']:.3g} "
+            f"({scorers}) | loss {s['loss']:.3g} kl {s['kl']:.3g} clip {s['clip_frac']:.2f} "
+            f"ratio {s['ratio_mean']:.6f} ± {s['ratio_std']:.2g} gnorm {s['grad_norm']:.3g} "
+            f"zero-std {s['zero_std_group_frac']:.2f} stale {s['staleness']} | {stages}")
+    if "eval" in s:
+        means = ", ".join(f"{k} {v:.4f}" for k, v in s["eval"].items() if isinstance(v, float))
+        line += f" | eval {means} -> {s['eval']['grid']}"
+    return line

@@ -1,0 +1,297 @@
+"""The pieces of one GRPO update as plain functions (no Ray, no DeepSpeed), so each can be tested on its own.
+
+An iteration's batch is its scored groups sorted by `group_id`; a sample is `(position of its group, index in the
+group)` and the batch order is by (group_id, index). `update_plan` splits that order into the iteration's optimizer
+updates **round-robin** (sample number i of the order goes to update i mod U, so each update sees part of every group),
+then each update's samples, still in order, into consecutive micro-batches: rank r takes micro-batches r·M … r·M+M−1.
+With one update, one rank and a micro-batch size equal to the rollout's `samples_per_forward` (dividing the group
+size), every micro-batch is exactly one rollout chunk, so the recomputed log-probs equal the recorded ones bit for bit.
+
+For each micro-batch and trained step the learner scores the recorded next state with the sampling forward
+(`rollout.generate.score_step`), optionally the reference mean with the adapter disabled, and takes the loss
+`policy_loss + β·KL` (MATH.md, "GRPO").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from learner.grpo import advantages as grpo_advantages
+from learner.grpo import policy_loss
+from rollout.generate import score_step
+from rollout.models import FlowModel, PromptEmbeds
+from rollout.steps import StepOutput, kl
+from rollout.trajectory import SamplerSettings, Trajectories
+
+SampleRef = tuple[int, int]  # (position of the group in the sorted batch, sample index within the group)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The batch: groups in order, advantages, and the split into updates, ranks and micro-batches.
+
+
+def _float64(rewards: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """One group's rewards as a 1-D float64 tensor (a copy: arrays that came through Ray are read-only)."""
+    if isinstance(rewards, torch.Tensor):
+        return rewards.detach().to(torch.float64).reshape(-1)
+    return torch.from_numpy(np.array(rewards, dtype=np.float64)).reshape(-1)
+
+
+def sort_batch(
+    groups: Sequence[Trajectories], rewards: Sequence[Sequence[float] | torch.Tensor], trained_steps: int
+) -> tuple[list[Trajectories], list[torch.Tensor]]:
+    """Groups and their (G,) rewards sorted by group_id, checked to be one consistent batch of `trained_steps` steps."""
+    if len(groups) != len(rewards):
+        raise ValueError(f"{len(groups)} groups but {len(rewards)} reward arrays: one (G,) array per group")
+    if not groups:
+        raise ValueError("a training iteration needs at least one scored group")
+    ids = [g.group_id for g in groups]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"group ids repeat in one iteration: {sorted(i for i in set(ids) if ids.count(i) > 1)}")
+    order = sorted(range(len(groups)), key=lambda i: ids[i])
+    groups = [groups[i] for i in order]
+    rewards = [_float64(rewards[i]) for i in order]
+    first = groups[0]
+    for g, r in zip(groups, rewards):
+        if r.numel() != g.group_size:
+            raise ValueError(f"group {g.group_id}: {r.numel()} rewards for {g.group_size} samples")
+        if not torch.isfinite(r).all():
+            raise ValueError(f"group {g.group_id}: non-finite rewards {r.tolist()} (a failed score drops the group)")
+        if g.num_recorded_steps != trained_steps:
+            raise ValueError(f"group {g.group_id} records {g.num_recorded_steps} steps but the learner trains "
+                             f"{trained_steps} per trajectory (cfg.trained_steps); rollout and learner configs differ")
+        if g.settings != first.settings or not torch.equal(g.sigmas, first.sigmas):
+            raise ValueError(f"group {g.group_id} was sampled with other settings or sigmas than group "
+                             f"{first.group_id}: one iteration must share one sampler configuration")
+    return groups, rewards
+
+
+def sample_order(groups: Sequence[Trajectories]) -> list[SampleRef]:
+    """Every sample of the (sorted) batch as (group position, index), in (group_id, index) order."""
+    return [(g, i) for g, group in enumerate(groups) for i in range(group.group_size)]
+
+
+def batch_advantages(
+    groups: Sequence[Trajectories], rewards: Sequence[torch.Tensor], *, std: str, clip: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Advantages (float32, in `sample_order`) and their statistics: mean, std, fraction of zero-std groups."""
+    flat = torch.cat(list(rewards))
+    ids = torch.cat([torch.full((g.group_size,), g.group_id, dtype=torch.long) for g in groups])
+    adv = grpo_advantages(flat, ids, std=std, clip=clip).to(torch.float32)
+    zero_std = sum(bool((r == r[0]).all()) for r in rewards)
+    stats = {
+        "advantage_mean": float(adv.mean()),
+        "advantage_std": float(adv.std(correction=0)),
+        "zero_std_group_frac": zero_std / len(groups),
+        "reward_mean": float(flat.mean()),
+        "reward_std": float(flat.std(correction=0)),
+    }
+    return adv, stats
+
+
+def _even_split(items: list[int], parts: int) -> list[list[int]]:
+    """`items` in order cut into `parts` consecutive runs whose sizes differ by at most one (larger ones first)."""
+    size, extra = divmod(len(items), parts)
+    runs, start = [], 0
+    for p in range(parts):
+        stop = start + size + (p < extra)
+        runs.append(items[start:stop])
+        start = stop
+    return runs
+
+
+def update_plan(
+    num_samples: int,
+    *,
+    num_updates: int,
+    num_ranks: int,
+    micro_batches: int,
+    keep: torch.Tensor | None = None,
+) -> list[list[list[list[int]]]]:
+    """plan[u][r][m]: positions (in `sample_order`) of micro-batch m of rank r in update u.
+
+    The kept samples (all, or where `keep` is true) go to the updates round-robin; each update's samples are cut in
+    order into one consecutive run per rank, and each run into `micro_batches` consecutive micro-batches, all of
+    near-equal size. The micro-batch count is fixed (DeepSpeed's accumulation count is fixed at init), so every
+    micro-batch must hold at least one sample.
+    """
+    order = list(range(num_samples)) if keep is None else torch.nonzero(keep).reshape(-1).tolist()
+    needed = num_updates * num_ranks * micro_batches
+    if len(order) < needed:
+        raise ValueError(
+            f"{len(order)} samples cannot fill {num_updates} update(s) x {num_ranks} rank(s) x {micro_batches} "
+            f"micro-batch(es); an iteration needs at least {needed} samples"
+        )
+    return [[_even_split(share, micro_batches) for share in _even_split(order[u::num_updates], num_ranks)]
+            for u in range(num_updates)]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# A micro-batch and the recompute of one recorded step.
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """The recorded data of a few samples as one learner forward takes them (all on the model's device).
+
+    states / next_states (B, K, *latent) float32, old_log_probs (B, K), advantages (B,), step_indices (B, K);
+    `embeds` has one row when every sample shares one prompt (as the rollout passes it), else B rows.
+    """
+
+    samples: tuple[SampleRef, ...]
+    states: torch.Tensor
+    next_states: torch.Tensor
+    old_log_probs: torch.Tensor
+    advantages: torch.Tensor
+    step_indices: torch.Tensor
+    embeds: PromptEmbeds
+    sigmas: torch.Tensor
+    settings: SamplerSettings
+
+    @property
+    def num_steps(self) -> int:
+        """K, the recorded steps per sample."""
+        return self.old_log_probs.shape[1]
+
+
+def micro_batch(
+    groups: Sequence[Trajectories],
+    samples: Sequence[SampleRef],
+    advantages: torch.Tensor,
+    device: torch.device | str = "cpu",
+) -> MicroBatch:
+    """Gather the samples' recorded tensors (and their advantages, aligned with `samples`) into one MicroBatch."""
+    if not samples:
+        raise ValueError("a micro-batch needs at least one sample")
+    positions = sorted({g for g, _ in samples})
+    if len(positions) == 1:
+        embeds = groups[positions[0]].prompt_embeds
+    else:
+        embeds = PromptEmbeds.cat([groups[g].prompt_embeds for g, _ in samples])
+
+    def stack(name: str) -> torch.Tensor:
+        return torch.stack([getattr(groups[g], name)[i] for g, i in samples]).to(device)
+
+    return MicroBatch(
+        samples=tuple(samples),
+        states=stack("states"),
+        next_states=stack("next_states"),
+        old_log_probs=stack("log_probs"),
+        advantages=advantages.to(device=device, dtype=torch.float32),
+        step_indices=torch.stack([groups[g].step_indices for g, _ in samples]),
+        embeds=embeds.to(device),
+        sigmas=groups[positions[0]].sigmas,
+        settings=groups[positions[0]].settings,
+    )
+
+
+def score_recorded_step(model: FlowModel, mb: MicroBatch, k: int, negative: PromptEmbeds | None) -> StepOutput:
+    """Log-prob (B,) and mean of the recorded next states of step slot k under `model`, differentiable.
+
+    Samples whose groups recorded different sigma indices at slot k (Fast windows) are scored in one forward per
+    index and put back in micro-batch order.
+    """
+    indices = mb.step_indices[:, k]
+    states, next_states = mb.states[:, k].contiguous(), mb.next_states[:, k].contiguous()
+    values = list(dict.fromkeys(indices.tolist()))
+    if len(values) == 1:
+        return score_step(model, mb.settings, mb.sigmas, values[0], states, next_states, mb.embeds, negative)
+    parts, rows_in_order = [], []
+    for index in values:
+        rows = torch.nonzero(indices == index).reshape(-1)
+        embeds = mb.embeds if len(mb.embeds) == 1 else mb.embeds.index_select(rows.to(mb.embeds.prompt_embeds.device))
+        rows_dev = rows.to(states.device)
+        parts.append(score_step(model, mb.settings, mb.sigmas, index, states[rows_dev], next_states[rows_dev],
+                                embeds, negative))
+        rows_in_order.append(rows_dev)
+    inverse = torch.argsort(torch.cat(rows_in_order))
+    return StepOutput(*(torch.cat([getattr(p, f) for p in parts])[inverse]
+                        for f in ("prev_sample", "log_prob", "mean", "std", "noise_scale")))
+
+
+@contextmanager
+def adapter_disabled(transformer: torch.nn.Module) -> Iterator[None]:
+    """The base model: the peft adapter switched off inside the block (the KL reference), on again after it."""
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
+
+
+def step_loss(
+    scored: StepOutput,
+    mb: MicroBatch,
+    k: int,
+    *,
+    clip_range: float,
+    beta: float,
+    reference_mean: torch.Tensor | None = None,
+    log_prob_scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, policy loss, KL) of step slot k: policy_loss(ℓθ, ℓold, A) + β·mean KL(μθ ‖ μref); KL is 0 when β = 0.
+
+    `log_prob_scale` multiplies both log-probs (the number of latent elements turns the per-element mean into a sum).
+    """
+    policy, _ = policy_loss(scored.log_prob * log_prob_scale, mb.old_log_probs[:, k] * log_prob_scale,
+                            mb.advantages, clip_range=clip_range)
+    if beta > 0:
+        if reference_mean is None:
+            raise ValueError("beta > 0 needs the reference mean of the step")
+        kl_value = kl(scored.mean, reference_mean, scored.noise_scale, form=mb.settings.log_prob_form).mean()
+    else:
+        kl_value = torch.zeros((), dtype=policy.dtype, device=policy.device)
+    return policy + beta * kl_value, policy, kl_value
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Statistics of one update, summed over (micro-batch, step) calls and over ranks.
+
+
+class UpdateStats:
+    """Sums over the (micro-batch, step) losses of one update, reducible over ranks; ratios over all (sample, step)."""
+
+    SUMS = ("calls", "loss", "policy_loss", "kl", "samples", "ratio_m1", "ratio_m1_sq", "clipped", "log_ratio_sq")
+
+    def __init__(self) -> None:
+        self.sums = torch.zeros(len(self.SUMS), dtype=torch.float64)
+        self.max_ratio_dev = torch.zeros((), dtype=torch.float64)
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, policy: torch.Tensor, kl_value: torch.Tensor, log_prob: torch.Tensor,
+            old_log_prob: torch.Tensor, clip_range: float) -> None:
+        """Record one (micro-batch, step) call."""
+        diff = (log_prob.detach() - old_log_prob).double().cpu()
+        dev = torch.exp(diff) - 1.0  # ρ − 1, kept small so that the variance is well conditioned
+        values = (1.0, float(loss.detach()), float(policy.detach()), float(kl_value.detach()), diff.numel(),
+                  float(dev.sum()), float((dev**2).sum()), float((dev.abs() > clip_range).sum()),
+                  float((diff**2).sum()))
+        self.sums += torch.tensor(values, dtype=torch.float64)
+        self.max_ratio_dev = torch.maximum(self.max_ratio_dev, dev.abs().max())
+
+    def reduce(self, all_reduce: Callable[[torch.Tensor, str], None] | None) -> None:
+        """Combine with the other ranks in place: `all_reduce(tensor, "sum" | "max")`; None for one process."""
+        if all_reduce is not None:
+            all_reduce(self.sums, "sum")
+            all_reduce(self.max_ratio_dev, "max")
+
+    def summary(self) -> dict[str, float]:
+        """Means per call (loss, policy_loss, kl) and per (sample, step) (ratio, clip fraction, approx-KL)."""
+        s = dict(zip(self.SUMS, self.sums.tolist()))
+        calls, n = max(s["calls"], 1.0), max(s["samples"], 1.0)
+        mean_m1 = s["ratio_m1"] / n
+        return {
+            "loss": s["loss"] / calls,
+            "policy_loss": s["policy_loss"] / calls,
+            "kl": s["kl"] / calls,
+            "clip_frac": s["clipped"] / n,
+            "ratio_mean": 1.0 + mean_m1,
+            "ratio_std": max(s["ratio_m1_sq"] / n - mean_m1**2, 0.0) ** 0.5,
+            "ratio_max_dev": float(self.max_ratio_dev),
+            "approx_kl": 0.5 * s["log_ratio_sq"] / n,
+        }

@@ -1,0 +1,186 @@
+"""The whole job on the tiny config: on-policy ratio, exact resume, the exported LoRA, and `ray job submit`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+from PIL import Image
+
+from learner.checkpoint import load_tree
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+# Small and deterministic: 2 groups of 4 per iteration, one update per iteration (strictly on-policy), the learner's
+# micro-batch equal to the rollout's chunk so that the first ratio is bit-exact.
+BASE = ["iterations=3", "data.images_per_iteration=8", "data.group_size=4", "rollout.samples_per_forward=4",
+        "learner.micro_batch_size=4", "learner.updates_per_iteration=1", "learner.mode=sync",
+        "eval.every_n_iterations=3", "eval.num_prompts=2", "eval.batch_size=2", "eval.num_steps=4",
+        "checkpoint.every_n_iterations=1", "checkpoint.keep_last=5"]
+
+
+def job_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"
+    return env
+
+
+def run_job(output_dir: Path, *extra: str, resume: str | None = None) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "learner.main", "--cfg", "cluster/tiny.yaml", "--set", f"output_dir={output_dir}"]
+    for o in BASE + list(extra):
+        args += ["--set", o]
+    if resume:
+        args += ["--resume", resume]
+    r = subprocess.run(args, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def history(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "history.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full")
+    run_job(out)
+    return out
+
+
+@pytest.mark.slow
+def test_first_update_is_on_policy_bit_exactly(full_run):
+    first = history(full_run)[0]
+    assert first["ratio_mean"] == 1.0 and first["ratio_std"] == 0.0 and first["clip_frac"] == 0.0
+    assert [h["policy_version"] for h in history(full_run)] == [1, 2, 3]
+    assert all(h["staleness"] == 0 for h in history(full_run))
+
+
+@pytest.mark.slow
+def test_checkpoints_are_complete_and_evaluation_writes_a_grid(full_run):
+    ckpts = sorted(p.name for p in (full_run / "checkpoints").iterdir())
+    assert ckpts == ["iter-000001", "iter-000002", "iter-000003"]
+    last = full_run / "checkpoints" / "iter-000003"
+    trainer = json.loads((last / "trainer.json").read_text())
+    assert trainer["iteration"] == 3 and trainer["policy_version"] == 3
+    assert (last / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    grid = np.asarray(Image.open(full_run / "eval" / "iter-000003.png"))
+    assert grid.shape == (64, 128, 3)  # 2 eval images of 64x64 side by side
+    assert "eval" in history(full_run)[-1]
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(full_run, tmp_path):
+    resumed = tmp_path / "resumed"
+    run_job(resumed, resume=str(full_run / "checkpoints" / "iter-000001"))
+    assert [h["iteration"] for h in history(resumed)] == [2, 3]
+    a = load_tree(full_run / "checkpoints" / "iter-000003" / "learner-rank0")
+    b = load_tree(resumed / "checkpoints" / "iter-000003" / "learner-rank0")
+    assert a["weights"].keys() == b["weights"].keys()
+    for key in a["weights"]:
+        assert torch.equal(a["weights"][key], b["weights"][key]), key
+    for x, y in zip(a["optimizer"]["single_partition_of_fp32_groups"], b["optimizer"]["single_partition_of_fp32_groups"]):
+        assert torch.equal(x, y)
+    moments_a = a["optimizer"]["base_optimizer_state"]["state"]
+    moments_b = b["optimizer"]["base_optimizer_state"]["state"]
+    for k in moments_a:
+        assert torch.equal(moments_a[k]["exp_avg"], moments_b[k]["exp_avg"])
+        assert torch.equal(moments_a[k]["exp_avg_sq"], moments_b[k]["exp_avg_sq"])
+    for h_full, h_res in zip(history(full_run)[1:], history(resumed)):
+        assert h_full["reward_mean"] == h_res["reward_mean"] and h_full["loss"] == h_res["loss"]
+
+
+@pytest.mark.slow
+def test_resume_from_a_folder_that_is_not_a_checkpoint_exits_2(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "learner.main", "--cfg", "cluster/tiny.yaml", "--set",
+                        f"output_dir={tmp_path}", "--resume", str(tmp_path)], cwd=ROOT, env=job_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert "not a checkpoint folder" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_exported_lora_loads_into_diffusers_and_reproduces_the_evaluation(full_run):
+    from diffusers import FluxPipeline
+
+    from cluster.config import load_config
+    from rollout.sources import eval_prompts
+
+    cfg = load_config(ROOT / "cluster/tiny.yaml", [f"output_dir={full_run}"] + BASE)
+    pipe = FluxPipeline.from_pretrained(str(ROOT / cfg.model.path))
+    pipe.load_lora_weights(str(full_run / "checkpoints" / "iter-000003" / "lora"))
+    prompts = [p.prompt for p in eval_prompts(cfg.eval)]
+    res = cfg.model.resolution
+    grid = np.asarray(Image.open(full_run / "eval" / "iter-000003.png"))
+    tokens = (res // 16) ** 2
+    for i, prompt in enumerate(prompts):
+        latents = torch.randn((tokens, 64), generator=torch.Generator().manual_seed(cfg.eval.seed + i))[None]
+        image = pipe(prompt, height=res, width=res, num_inference_steps=cfg.eval.num_steps,
+                     guidance_scale=cfg.sampler.guidance_scale, latents=latents,
+                     max_sequence_length=cfg.model.max_sequence_length, output_type="np").images[0]
+        ours = grid[:, i * res:(i + 1) * res].astype(np.float32)
+        assert np.abs(image * 255 - ours).max() <= 3.0, i
+    # and the LoRA matters: without it the same call gives another image
+    pipe.unload_lora_weights()
+    latents = torch.randn((tokens, 64), generator=torch.Generator().manual_seed(cfg.eval.seed))[None]
+    base = pipe(prompts[0], height=res, width=res, num_inference_steps=cfg.eval.num_steps,
+                guidance_scale=cfg.sampler.guidance_scale, latents=latents,
+                max_sequence_length=cfg.model.max_sequence_length, output_type="np").images[0]
+    assert np.abs(base * 255 - grid[:, :res].astype(np.float32)).max() > 0.5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop_cluster(temp_dir: Path) -> None:
+    """Stop only the Ray processes of the cluster this test started (`ray stop` would stop every cluster here)."""
+    victims = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if any(str(temp_dir) in part for part in (p.info["cmdline"] or [])):
+                victims += [p] + p.children(recursive=True)
+        except psutil.Error:
+            continue
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(victims, timeout=20)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_tiny_job(tmp_path):
+    temp_dir = Path("/tmp") / f"flowrl-ray-{os.getpid()}-{int(time.time())}"  # short: Ray's socket paths are limited
+    port, dash = _free_port(), _free_port()
+    env = job_env()
+    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
+    ray_bin = str(VENV_BIN / "ray")
+    try:
+        subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                        f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                       env=env, check=True, capture_output=True, text=True, timeout=120)
+        out = tmp_path / "out"
+        r = subprocess.run([ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
+                            "--", "python", "-m", "learner.main", "--cfg", "cluster/tiny.yaml",
+                            "--set", "iterations=2", "--set", f"output_dir={out}",
+                            "--set", "eval.every_n_iterations=0"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+        assert "joined the Ray cluster" in r.stdout and "done: 2 iterations" in r.stdout
+        assert [h["iteration"] for h in history(out)] == [1, 2]
+    finally:
+        _stop_cluster(temp_dir)

@@ -1,0 +1,205 @@
+"""The DeepSpeed learner as Ray actors on CPU: one rank end to end, resume from its state, two ranks against one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.config import validate_config
+from learner.actor import LearnerActor, deepspeed_config
+from learner.group import ActorGroup
+from learner.train_step import (
+    adapter_disabled,
+    batch_advantages,
+    micro_batch,
+    sample_order,
+    score_recorded_step,
+    sort_batch,
+    step_loss,
+    update_plan,
+)
+from rollout.generate import RolloutSampler
+from rollout.models import load_flow_model
+from rollout.prompts import PromptGroup
+from rollout.trajectory import SamplerSettings
+from rollout.weights import WeightStore, add_lora, unpack_state
+
+LORA = {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+
+
+def _config(model_dir, *, num_actors: int, micro_batch_size: int):
+    """Tiny FLUX, CPS with 3 steps (2 trained), groups of 4 sampled in chunks of 2, 8 images per iteration."""
+    return validate_config(dict(
+        run_name="learner-test",
+        model=dict(family="flux", path=str(model_dir), dtype="float32", resolution=64, max_sequence_length=32),
+        sampler=dict(kind="cps", noise_level=0.9, num_steps=3, guidance_scale=3.5),
+        rollout=dict(samples_per_forward=2),
+        rewards=dict(scorers=[dict(name="jpeg_compressibility")]),
+        learner=dict(num_actors=num_actors, num_cpus_per_actor=0.5, zero_stage=2, precision="fp32", lora=LORA,
+                     lr=1e-3, beta=0.04, clip_range=1e-4, updates_per_iteration=1, micro_batch_size=micro_batch_size,
+                     ema=dict(enabled=True, every=1)),
+        data=dict(group_size=4, images_per_iteration=8),
+    ))
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model_dirs):
+    """Two groups sampled as a rollout worker does (the job's LoRA, version 0) and their rewards."""
+    cfg = _config(tiny_model_dirs["flux"], num_actors=1, micro_batch_size=2)
+    model = load_flow_model(cfg.model.path, "flux", max_sequence_length=32)
+    torch.manual_seed(123)  # the worker's adapter differs from the learner's; B = 0 makes both the base model
+    add_lora(model.transformer, cfg.learner.lora)
+    sampler = RolloutSampler(model, SamplerSettings.from_config(cfg), run_seed=0)
+    groups = [sampler.sample_group(PromptGroup(gid, f"prompt {gid}", {}, tuple(range(10 * gid, 10 * gid + 4))), 0)
+              for gid in (4, 1)]
+    rewards = [torch.tensor([0.1, 0.5, 0.3, 0.9]), torch.tensor([0.2, 0.2, 0.7, 0.0])]
+    return groups, rewards
+
+
+def _train(ray, group, batch, iterations):
+    """Run iterations on all ranks; per iteration rank 0's metrics, the weights after it and every rank's updates."""
+    refs = ray.put(batch[0]), ray.put(batch[1])
+    results = []
+    for _ in range(iterations):
+        per_rank = group.get("train_iteration", *refs)
+        results.append({**per_rank[0], "weights": group.get("trainable_state")[0],
+                        "rank_updates": [r["updates"] for r in per_rank]})
+    return results
+
+
+@pytest.fixture(scope="module")
+def one_rank(ray_local, tiny_model_dirs, batch):
+    """One learner rank (ZeRO-2, fp32, LoRA, β = 0.04) trained for two iterations, with what it published."""
+    ray = ray_local
+    cfg = _config(tiny_model_dirs["flux"], num_actors=1, micro_batch_size=2)
+    store = WeightStore.remote()
+    group = ActorGroup(LearnerActor, 1, num_cpus_per_actor=0.5)
+    info = group.get("setup", cfg, store=store)[0]
+    initial = group.get("trainable_state")[0]
+    first = _train(ray, group, batch, 1)[0]
+    version, refs, meta = ray.get(store.latest.remote())
+    published = (version, unpack_state(ray.get(refs[0]), meta))
+    state_after_first = group.get("state")[0]
+    second = _train(ray, group, batch, 1)[0]
+    yield dict(cfg=cfg, group=group, info=info, initial=initial, first=first, second=second, published=published,
+               state_after_first=state_after_first, ema=group.get("ema_state")[0], counters=group.get("counters")[0])
+    group.kill()
+
+
+def test_one_rank_trains_the_lora_and_publishes_it(one_rank):
+    info, initial, first, second = one_rank["info"], one_rank["initial"], one_rank["first"], one_rank["second"]
+    assert info["gradient_accumulation_steps"] == 4 * 2  # 4 micro-batches of 2 x 2 trained steps
+    assert initial and all(".lora_A." in k or ".lora_B." in k for k in initial)
+    assert all(float(v.abs().sum()) == 0.0 for k, v in initial.items() if ".lora_B." in k)
+
+    update = first["updates"][0]
+    # micro-batch = rollout chunk, same samples and order: the recomputed log-probs are the recorded ones
+    assert update["ratio_mean"] == 1.0 and update["ratio_std"] == 0.0 and update["ratio_max_dev"] == 0.0
+    assert update["clip_frac"] == 0.0 and update["kl"] == 0.0  # B = 0: the policy is the reference
+    assert update["step_applied"] == 1.0 and 0.0 < update["grad_norm"] < float("inf")
+    assert first["policy_version"] == 1 and first["published"] == 1 and first["samples"] == 8
+
+    changed = [k for k in initial if not torch.equal(initial[k], first["weights"][k])]
+    assert any(".lora_B." in k for k in changed)
+
+    version, state = one_rank["published"]
+    assert version == 1 and state.keys() == first["weights"].keys()
+    assert all(torch.equal(state[k], first["weights"][k]) for k in state)
+
+    later = second["updates"][0]
+    assert second["policy_version"] == 2 and second["published"] == 2
+    assert later["kl"] > 0.0 and later["ratio_max_dev"] > 0.0
+    assert one_rank["counters"] == {"optimizer_steps": 2, "iterations": 2, "ema_updates": 2}
+
+
+def test_gradient_is_the_mean_over_micro_batches_and_steps(one_rank, batch):
+    """DeepSpeed divides by its M·K accumulation count once: the first update's norm is that of the plain mean loss."""
+    cfg = one_rank["cfg"]
+    model = load_flow_model(cfg.model.path, "flux", parts=("transformer",), max_sequence_length=32)
+    torch.manual_seed(cfg.seed)  # the learner's initial adapter
+    model.transformer.requires_grad_(False)
+    add_lora(model.transformer, cfg.learner.lora)
+    groups, rewards = sort_batch(*batch, cfg.trained_steps)
+    adv, _ = batch_advantages(groups, rewards, std="global", clip=5.0)
+    samples = sample_order(groups)
+    [[micro_batches]] = update_plan(len(samples), num_updates=1, num_ranks=1, micro_batches=4)
+    calls = [(micro_batch(groups, [samples[i] for i in positions], adv[positions]), k)
+             for positions in micro_batches for k in range(cfg.trained_steps)]
+    total = 0.0
+    for mb, k in calls:
+        with torch.no_grad(), adapter_disabled(model.transformer):
+            reference = score_recorded_step(model, mb, k, None).mean
+        scored = score_recorded_step(model, mb, k, None)
+        total = total + step_loss(scored, mb, k, clip_range=1e-4, beta=0.04, reference_mean=reference)[0] / len(calls)
+    total.backward()
+    norm = torch.cat([p.grad.reshape(-1) for p in model.transformer.parameters() if p.grad is not None]).norm()
+    assert one_rank["first"]["updates"][0]["grad_norm"] == pytest.approx(float(norm), rel=1e-4)
+
+
+def test_ema_follows_the_decay_schedule_over_updates(one_rank):
+    w0, w1, w2 = one_rank["initial"], one_rank["first"]["weights"], one_rank["second"]["weights"]
+    ema = one_rank["ema"]
+    for k in w0:  # decays 1/10 then 2/11
+        expected = 2 / 11 * (0.1 * w0[k] + 0.9 * w1[k]) + 9 / 11 * w2[k]
+        assert torch.allclose(ema[k], expected, rtol=1e-6, atol=1e-9), k
+
+
+def test_loading_a_state_resumes_exactly(ray_local, one_rank, batch):
+    group = one_rank["group"]
+    ray_local.get(group.run("load_state", one_rank["state_after_first"]))
+    assert group.get("counters")[0]["optimizer_steps"] == 1
+    again = _train(ray_local, group, batch, 1)[0]
+    assert again["updates"] == one_rank["second"]["updates"]
+    assert all(torch.equal(again["weights"][k], one_rank["second"]["weights"][k]) for k in again["weights"])
+
+
+def test_two_ranks_train_the_same_lora_as_one(ray_local, one_rank, tiny_model_dirs, batch):
+    one_rank["group"].kill()
+    cfg = _config(tiny_model_dirs["flux"], num_actors=2, micro_batch_size=2)
+    assert deepspeed_config(cfg)["gradient_accumulation_steps"] == 2 * 2  # each rank: 2 micro-batches x 2 steps
+    group = ActorGroup(LearnerActor, 2, num_cpus_per_actor=0.5)
+    try:
+        ray_local.get(group.run("setup", cfg))
+        first, second = _train(ray_local, group, batch, 2)
+    finally:
+        group.kill()
+    assert first["rank_updates"][0] == first["rank_updates"][1]  # reduced over ranks: the same on every rank
+    assert first["updates"][0]["ratio_max_dev"] == 0.0  # each rank's micro-batches are still rollout chunks
+    reference = one_rank["first"]["weights"], one_rank["second"]["weights"]
+    for got, want in zip((first["weights"], second["weights"]), reference):
+        for k in want:
+            assert torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-7), k
+    assert first["updates"][0]["grad_norm"] == pytest.approx(one_rank["first"]["updates"][0]["grad_norm"], rel=1e-5)
+
+
+def test_zero3_with_true_cfg_recomputes_exactly_and_publishes_the_gathered_lora(ray_local, tiny_model_dirs):
+    cfg = validate_config(dict(
+        run_name="learner-test-zero3",
+        model=dict(family="sd3", path=str(tiny_model_dirs["sd3"]), dtype="float32", resolution=64,
+                   max_sequence_length=32),
+        sampler=dict(kind="sde", noise_level=0.7, num_steps=3, guidance_scale=4.5),
+        rollout=dict(samples_per_forward=4),
+        rewards=dict(scorers=[dict(name="jpeg_compressibility")]),
+        learner=dict(num_actors=1, num_cpus_per_actor=0.5, zero_stage=3, precision="fp32", lora=LORA, lr=1e-3,
+                     beta=0.04, updates_per_iteration=1, micro_batch_size=4),
+        data=dict(group_size=4, images_per_iteration=4),
+    ))
+    model = load_flow_model(cfg.model.path, "sd3", max_sequence_length=32)
+    add_lora(model.transformer, cfg.learner.lora)
+    sampler = RolloutSampler(model, SamplerSettings.from_config(cfg), run_seed=0)
+    groups = [sampler.sample_group(PromptGroup(9, "a red cube", {}, (1, 2, 3, 4)), 0)]
+    store = WeightStore.remote()
+    group = ActorGroup(LearnerActor, 1, num_cpus_per_actor=0.5)
+    try:
+        ray_local.get(group.run("setup", cfg, negative=sampler.negative, store=store))
+        initial = group.get("trainable_state")[0]
+        result = _train(ray_local, group, (groups, [torch.tensor([0.0, 1.0, 0.5, 0.2])]), 1)[0]
+        version, refs, meta = ray_local.get(store.latest.remote())
+    finally:
+        group.kill()
+    update = result["updates"][0]
+    assert update["ratio_max_dev"] == 0.0 and update["kl"] == 0.0 and update["step_applied"] == 1.0
+    published = unpack_state(ray_local.get(refs[0]), meta)
+    assert version == 1 and published.keys() == initial.keys()
+    assert all(torch.equal(published[k], result["weights"][k]) for k in published)
+    assert any(not torch.equal(initial[k], published[k]) for k in initial)
