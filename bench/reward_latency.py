@@ -1,6 +1,6 @@
 """Per-image latency of the offline scorers: OCR (rapidocr) and GenEval (SSD-MobileNet, HSV colours), on this machine.
 
-Usage: .venv/bin/python bench/rewards.py [--sizes 512 1024] [--batch 8] [--repeats 3]
+Usage: .venv/bin/python bench/reward_latency.py [--sizes 512 1024] [--batch 8] [--repeats 3]
 OCR images are rendered text; GenEval images are Debian's darknet sample photos (tests/fixtures/fetch_darknet_photos.sh)
 resized square, or noise when those are missing. Reports the best and the median over repeats of one batch, per
 image (on a shared machine the best is the closer estimate of the scorer's own cost).

@@ -1,7 +1,7 @@
 """Rollout throughput: images/s of a plain diffusers pipeline call, of the rollout sampler in-process (recording
 log-probs), and of the RolloutPool with 1 and 2 workers, with the same model, steps and batch, measured in one run.
 
-    .venv/bin/python bench/rollout.py [--family flux] [--path DIR] [--steps 4] [--batch 4] [--groups 6]
+    .venv/bin/python bench/rollout_throughput.py [--family flux] [--path DIR] [--steps 4] [--batch 4] [--groups 6]
 
 Without --path a tiny random model is built into a temporary folder. Compare the ratios, not the absolute times: these
 vary up to 2x from run to run on a shared machine, while every row of one run sees the same machine. Every process
