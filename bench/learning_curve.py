@@ -4,11 +4,12 @@ mean training reward of every iteration side by side.
     .venv/bin/python bench/learning_curve.py [--cfg cluster/tiny.yaml] [--kinds sde,cps] [--seeds 0]
                                              [--set key=value ...] [--out DIR] [--json FILE]
 
-Every run uses the config file with the `--set` overrides, then its own `sampler.kind` (and `seed` when --seeds lists
-several) and its own output folder under --out (a temporary folder by default). One local Ray serves all runs; each
+Every run uses the config file with the `--set` overrides, then its own `sampler.kind` (and `seed` when --seeds is
+given) and its own output folder under --out (a temporary folder by default). One local Ray serves all runs; each
 run builds and tears down its own actors. The table shows the mean reward of each iteration's training rollouts (the
 policy in force when they were sampled, so iteration 1 is the base model) and, per run, the mean of the first and last
-few iterations and the wall time of the run (actor start-up included).
+few iterations, their change (also in units of the reward std within the first iterations, "/std"), the seconds spent
+in iterations ("train") and the wall time of the run (actor start-up included).
 """
 
 from __future__ import annotations
@@ -86,8 +87,11 @@ def table(runs: dict[str, dict[str, Any]], window: int) -> str:
     lines.append(row(f"first{window}", lambda r: f"{mean(r['rewards'][:window]):.6f}"))
     lines.append(row(f"last{window}", lambda r: f"{mean(r['rewards'][-window:]):.6f}"))
     lines.append(row("change", lambda r: f"{mean(r['rewards'][-window:]) - mean(r['rewards'][:window]):+.6f}"))
-    # the change in units of the first iterations' within-iteration reward spread
-    lines.append(row("/std", lambda r: f"{(mean(r['rewards'][-window:]) - mean(r['rewards'][:window])) / max(mean(r['reward_stds'][:window]), 1e-12):+.2f}"))
+    def in_stds(r: dict[str, Any]) -> str:  # the change in units of the first iterations' reward spread
+        change = mean(r["rewards"][-window:]) - mean(r["rewards"][:window])
+        return f"{change / max(mean(r['reward_stds'][:window]), 1e-12):+.2f}"
+
+    lines.append(row("/std", in_stds))
     lines.append(row("train", lambda r: f"{r['train_s']:.1f}s"))
     lines.append(row("wall", lambda r: f"{r['wall_s']:.1f}s"))
     return "\n".join(lines)

@@ -332,7 +332,8 @@ class LearnerActor(DistributedActor):
     def state(self) -> dict[str, Any]:
         """Everything this rank needs to resume: weights, its optimizer partition, EMA (rank 0), counters."""
         return {"weights": self.trainable_state(), "optimizer": self.optimizer_state(),
-                "ema": self.ema.state_dict() if self.ema is not None else None, "counters": self.counters()}
+                "ema": self.ema.state_dict() if self.ema is not None else None, "counters": self.counters(),
+                "torch_rng": torch.get_rng_state()}  # only LoRA dropout draws from it
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Resume from this rank's `state()` (same world size and config); all ranks call at once."""
@@ -344,5 +345,7 @@ class LearnerActor(DistributedActor):
         self.engine.optimizer.load_state_dict(optimizer_states, load_from_fp32_weights=True)
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
+        if state.get("torch_rng") is not None:
+            torch.set_rng_state(state["torch_rng"])
         self.optimizer_steps = int(state["counters"]["optimizer_steps"])
         self.iterations = int(state["counters"]["iterations"])
