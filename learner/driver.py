@@ -76,7 +76,7 @@ class Job:
                                   num_gpus_per_actor=lc.num_gpus_per_actor)
         info = ray.get(self.learner.run("setup", cfg, negative, self.store))[0]
         say(f"actors up in {time.perf_counter() - started:.1f} s: {self.pool.num_workers} rollout, "
-            f"{sum(1 for _ in cfg.rewards.scorers) * cfg.rewards.num_actors} reward, {lc.num_actors} learner "
+            f"{len(cfg.rewards.scorers) * cfg.rewards.num_actors} reward, {lc.num_actors} learner "
             f"(ZeRO-{lc.zero_stage}, {lc.precision}, {info['trainable_parameters']:,} trainable parameters)")
         self.iteration = 0
         self.last_advantages: dict[str, float] = {}

@@ -25,6 +25,18 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
     return {family: build_tiny(family, root / family, seed=TINY_SEED) for family in ("flux", "sd3")}
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on one torch thread (use per module): on a busy 2-core machine two OpenMP threads run many times
+    slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray for the whole session (2 CPUs, loopback only, no dashboard); tests share it."""

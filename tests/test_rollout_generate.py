@@ -13,6 +13,8 @@ from rollout.models import load_flow_model
 from rollout.prompts import PromptGroup, sample_seed
 from rollout.trajectory import SamplerSettings, Trajectories
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SIZE = 64
 MODES = {
     "full": ["sampler.num_steps=4"],
@@ -30,15 +32,6 @@ def _config(path, family: str, *overrides: str) -> JobConfig:
 
 def _group(group_id: int = 7, size: int = 4, prompt: str = "a red circle") -> PromptGroup:
     return PromptGroup(group_id, prompt, {"tag": "test"}, tuple(sample_seed(0, group_id, i) for i in range(size)))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on one torch thread: on a busy 2-core machine two OpenMP threads run many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,9 @@ from rollout.weights import (
     weight_store,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LORA = LoraConfig(rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on one torch thread: on a busy 2-core machine two OpenMP threads run many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _transformer(path: str, lora: LoraConfig | None = LORA) -> torch.nn.Module:
