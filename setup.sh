@@ -15,3 +15,5 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
 fi
 # Sample photos for the GenEval detector tests (Debian's darknet package); skipped with a message without apt-get.
 tests/fixtures/fetch_darknet_photos.sh
+# Debian's Prometheus server for the metrics test, unpacked into .cache/prometheus.
+tests/fixtures/fetch_prometheus.sh

@@ -133,7 +133,8 @@ class LearnerConfig(PoolConfig):
 class DataConfig(Section):
     """Training prompts and batch shape."""
 
-    source: Literal["builtin", "text", "geneval_jsonl", "geneval_generate"] = "builtin"
+    source: Literal["builtin", "text", "geneval_jsonl", "geneval_generate", "shapes_train", "shapes_heldout",
+                    "shapes_all"] = "builtin"
     path: Optional[str] = Field(None, description="prompt file for source text / geneval_jsonl")
     num_prompts: int = Field(10000, ge=1, description="prompts to generate for source geneval_generate")
     exclude_path: Optional[str] = Field(None, description="GenEval test file that training prompts must not overlap")
@@ -145,7 +146,7 @@ class DataConfig(Section):
 class EvalConfig(Section):
     every_n_iterations: int = Field(0, ge=0, description="0: no evaluation")
     num_steps: int = Field(28, ge=2, description="ODE steps of an evaluation image")
-    source: Literal["builtin", "text", "geneval_jsonl"] = "builtin"
+    source: Literal["builtin", "text", "geneval_jsonl", "shapes_train", "shapes_heldout", "shapes_all"] = "builtin"
     path: Optional[str] = None
     num_prompts: Optional[int] = Field(None, ge=1, description="None: every prompt of the source")
     seed: int = 0
@@ -159,14 +160,17 @@ class CheckpointConfig(Section):
 
 
 class MetricsConfig(Section):
+    """Prometheus metrics (cluster/metrics.py), exported by Ray's metrics agent of each node."""
+
     enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = Field(9400, ge=0, le=65535, description="0: any free port")
-    prefix: str = Field("flowrl_", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+    port: int = Field(9400, ge=0, le=65535, description="metrics port of a local Ray's node (on ray.host); 0: any "
+                      "free port. A joined cluster exports on the ports its nodes were started with")
 
 
 class RayConfig(Section):
     address: Optional[str] = Field(None, description="None: RAY_ADDRESS if set (ray job submit), else start a local Ray")
+    host: str = Field("127.0.0.1", description="address a local Ray (and its metrics endpoint) binds to; anything "
+                      "but loopback exposes the cluster's ports to the network")
     num_cpus: Optional[int] = Field(None, ge=1, description="local Ray only; None: all cores")
     num_gpus: Optional[int] = Field(None, ge=0, description="local Ray only; None: detected")
     namespace: str = "flowrl"

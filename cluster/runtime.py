@@ -17,12 +17,18 @@ class ClusterTooSmall(RuntimeError):
     """The configured pools ask for more CPUs or GPUs than the Ray cluster has."""
 
 
-def start_ray(cfg: RayConfig) -> str:
-    """Connect to `cfg.address` or RAY_ADDRESS when given, else start a local Ray bound to 127.0.0.1; say which."""
+def joins_cluster(cfg: RayConfig) -> bool:
+    """Whether the job joins a running cluster (ray.address or RAY_ADDRESS) rather than starting a local Ray."""
+    return bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
+def start_ray(cfg: RayConfig, metrics_port: int | None = None) -> str:
+    """Connect to `cfg.address` or RAY_ADDRESS when given, else start a local Ray bound to `cfg.host` (127.0.0.1)
+    whose metrics agent exports on `metrics_port` (0: any free port); say which."""
     import ray
 
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if joins_cluster(cfg):
+        address = cfg.address or os.environ["RAY_ADDRESS"]
         ray.init(address=address, namespace=cfg.namespace, log_to_driver=True)
         return f"joined the Ray cluster at {address}"
     if os.environ.get(LOOPBACK_ENV) != "0":
@@ -32,10 +38,23 @@ def start_ray(cfg: RayConfig) -> str:
         num_gpus=cfg.num_gpus,
         include_dashboard=cfg.include_dashboard,
         namespace=cfg.namespace,
-        _node_ip_address="127.0.0.1",
+        _node_ip_address=cfg.host,
+        _metrics_export_port=metrics_port or None,
         log_to_driver=True,
     )
-    return "started a local Ray on 127.0.0.1"
+    return f"started a local Ray on {cfg.host}"
+
+
+def metrics_endpoint(discovery: bool) -> str:
+    """Where this node's Prometheus metrics are; with `discovery` (a Ray dashboard runs: it writes the file), also the
+    service-discovery file that lists every node's endpoint."""
+    from ray._private import worker
+
+    node = worker._global_node  # the node this driver runs on
+    where = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    if not discovery:
+        return where + " (this node; no service-discovery file without the Ray dashboard)"
+    return f"{where} (all nodes: {os.path.join(node.get_session_dir_path(), 'prom_metrics_service_discovery.json')})"
 
 
 def pool_demand(cfg: JobConfig) -> dict[str, dict[str, float]]:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from cluster.config import JobConfig
+from cluster.metrics import Recorder
 from learner.checkpoint import fill_live
 from learner.ema import Ema
 from learner.group import DistributedActor
@@ -144,6 +145,10 @@ class LearnerActor(DistributedActor):
         self.engine, *_ = deepspeed.initialize(model=transformer, optimizer=optimizer, config=deepspeed_config(cfg))
         self.model.transformer = EngineForward(self.engine)
         self.store = store
+        self.metrics = Recorder(cfg.metrics.enabled)
+        if self.rank == 0:
+            self.metrics.zero("updates_skipped_total")
+            self.metrics.zero("weight_sync_bytes_total")
         self.optimizer_steps = 0  # applied optimizer updates = the policy version
         self.iterations = 0
         initial = self._policy_state(everyone=False)
@@ -203,6 +208,7 @@ class LearnerActor(DistributedActor):
 
         updates = []
         for update in plan:
+            update_started = time.perf_counter()
             stats = UpdateStats()
             for positions in update[self.rank]:
                 mb = micro_batch(groups, [samples[i] for i in positions], adv[positions], self.device)
@@ -212,7 +218,9 @@ class LearnerActor(DistributedActor):
             updates.append({**self._finish_update(stats), "samples": float(trained.numel()),
                             "advantage_mean": float(trained.mean()),
                             "advantage_std": float(trained.std(correction=0))})
+            self.metrics.observe("learner_step_seconds", time.perf_counter() - update_started, rank=self.rank)
         self.iterations += 1
+        publish_started = time.perf_counter()
         published = self.publish()
         return {
             "iteration": self.iterations,
@@ -223,6 +231,7 @@ class LearnerActor(DistributedActor):
             **adv_stats,
             "updates": updates,
             "train_s": time.perf_counter() - started,
+            "publish_s": time.perf_counter() - publish_started,
         }
 
     def _train_step(self, mb: MicroBatch, k: int, stats: UpdateStats) -> None:
@@ -252,6 +261,8 @@ class LearnerActor(DistributedActor):
             raise RuntimeError("an update ended off DeepSpeed's accumulation boundary: the micro-batch count changed")
         applied = bool(self.engine.was_step_applied())
         grad_norm = self.engine.get_global_grad_norm()
+        if not applied and self.rank == 0:
+            self.metrics.inc("updates_skipped_total")
         if applied:
             self.optimizer_steps += 1
             if self.cfg.learner.ema.enabled and self.optimizer_steps % self.cfg.learner.ema.every == 0:
@@ -306,10 +317,13 @@ class LearnerActor(DistributedActor):
         One flat CPU buffer, put in the object store once. Returns the version published, or None (no store, or
         not rank 0).
         """
+        started = time.perf_counter()
         state = self._policy_state(everyone=False)
         if self.rank != 0 or self.store is None:
             return None
         publish_weights(self.store, self.policy_version, state)
+        self.metrics.set("weight_sync_seconds", time.perf_counter() - started)
+        self.metrics.inc("weight_sync_bytes_total", sum(t.numel() * t.element_size() for t in state.values()))
         return self.policy_version
 
     def trainable_state(self) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from cluster.config import JobConfig
+from cluster.metrics import REWARD_EVENTS, STAGES, Recorder
 from learner.actor import LearnerActor
 from learner.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from learner.group import ActorGroup
@@ -54,11 +55,14 @@ class Job:
     def __init__(self, cfg: JobConfig, say: Callable[[str], None] = print) -> None:
         self.cfg = cfg = absolute_paths(cfg)
         self.say = say
-        if cfg.model.build_tiny:
-            from rollout.tiny import ensure_tiny
-
-            ensure_tiny(cfg.model.family, Path(cfg.model.path), seed=cfg.model.tiny_seed)
-        locate_model(cfg.model.path, cfg.model.family, allow_download=cfg.model.allow_download)  # fail before actors
+        self.metrics = Recorder(cfg.metrics.enabled)
+        self.reported: dict[str, int] = {}  # running totals already added to the counters (record_total)
+        for name in ("groups_trained_total", "groups_dropped_total", "groups_requeued_total"):
+            self.metrics.zero(name)
+        for event in REWARD_EVENTS:
+            self.metrics.zero("reward_events_total", event=event)
+        for stage in STAGES:
+            self.metrics.set("stage_seconds", 0.0, stage=stage)
         self.sampler = GroupSampler(training_prompts(cfg.data, seed=cfg.seed), group_size=cfg.data.group_size,
                                     seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.groups_per_iteration = cfg.data.images_per_iteration // cfg.data.group_size
@@ -66,15 +70,29 @@ class Job:
             f"{self.groups_per_iteration} groups x {cfg.data.group_size} per iteration")
 
         started = time.perf_counter()
-        store_key = f"{cfg.run_name}-{uuid.uuid4().hex[:8]}"  # two jobs on one cluster never share a store
-        self.store = weight_store(store_key)
-        self.pool = RolloutPool(cfg, weight_store_name(store_key))
-        self.rewards = RewardService(cfg.rewards)
-        negative = self.pool.negative_embeds()
         lc = cfg.learner
-        self.learner = ActorGroup(LearnerActor, lc.num_actors, num_cpus_per_actor=lc.num_cpus_per_actor,
-                                  num_gpus_per_actor=lc.num_gpus_per_actor)
-        info = ray.get(self.learner.run("setup", cfg, negative, self.store))[0]
+        with tqdm(total=4, desc="starting", unit="step", leave=False, disable=None) as bar:
+            bar.set_postfix_str("model")
+            if cfg.model.build_tiny:
+                from rollout.tiny import ensure_tiny
+
+                ensure_tiny(cfg.model.family, Path(cfg.model.path), seed=cfg.model.tiny_seed)
+            locate_model(cfg.model.path, cfg.model.family, allow_download=cfg.model.allow_download)
+            bar.update(1)
+            bar.set_postfix_str("rollout actors")
+            store_key = f"{cfg.run_name}-{uuid.uuid4().hex[:8]}"  # two jobs on one cluster never share a store
+            self.store = weight_store(store_key)
+            self.pool = RolloutPool(cfg, weight_store_name(store_key))
+            negative = self.pool.negative_embeds()
+            bar.update(1)
+            bar.set_postfix_str("reward actors")
+            self.rewards = RewardService(cfg.rewards, metrics=cfg.metrics.enabled)
+            bar.update(1)
+            bar.set_postfix_str("learner")
+            self.learner = ActorGroup(LearnerActor, lc.num_actors, num_cpus_per_actor=lc.num_cpus_per_actor,
+                                      num_gpus_per_actor=lc.num_gpus_per_actor)
+            info = ray.get(self.learner.run("setup", cfg, negative, self.store))[0]
+            bar.update(1)
         say(f"actors up in {time.perf_counter() - started:.1f} s: {self.pool.num_workers} rollout, "
             f"{len(cfg.rewards.scorers) * cfg.rewards.num_actors} reward, {lc.num_actors} learner "
             f"(ZeRO-{lc.zero_stage}, {lc.precision}, {info['trainable_parameters']:,} trainable parameters)")
@@ -115,6 +133,7 @@ class Job:
             started = time.perf_counter()
             stats = ray.get(self.learner.run("train_iteration", refs, [r.total for r in rewards]))[0]
             times["train"] = time.perf_counter() - started
+            times["weight_sync"] = stats["publish_s"]
             self.iteration += 1
             self.last_advantages = {k: stats[k] for k in ("advantage_mean", "advantage_std", "zero_std_group_frac")
                                     if k in stats}
@@ -135,6 +154,7 @@ class Job:
                 times["checkpoint"] = time.perf_counter() - started
             times["iteration"] = time.perf_counter() - it_started
             self.say(progress_line(self.iteration, cfg.iterations, summary, times))
+            self.record(summary, times)
             history.append({**summary, "times": dict(times)})
             with open(Path(cfg.output_dir) / "history.jsonl", "a") as f:  # one line per iteration, for plots
                 f.write(json.dumps(history[-1]) + "\n")
@@ -186,7 +206,7 @@ class Job:
                   times: dict[str, float], version_before: int) -> dict[str, Any]:
         """The numbers of one iteration: rewards per scorer, learner statistics (mean over updates), staleness."""
         total = np.concatenate([r.total for r in rewards])
-        per_scorer = {name: float(np.concatenate([r.scores[name] for r in rewards]).mean()) for name in rewards[0].scores}
+        scores = {name: np.concatenate([r.scores[name] for r in rewards]) for name in rewards[0].scores}
         updates = stats["updates"]
         learner = {k: float(np.mean([u[k] for u in updates])) for k in
                    ("loss", "policy_loss", "kl", "clip_frac", "ratio_mean", "ratio_std", "approx_kl", "grad_norm")}
@@ -197,11 +217,46 @@ class Job:
             "groups_dropped": self.groups_per_iteration - len(batch),
             "reward_mean": float(total.mean()),
             "reward_std": float(total.std()),
-            "rewards": per_scorer,
+            "rewards": {name: float(s.mean()) for name, s in scores.items()},
+            "rewards_std": {name: float(s.std()) for name, s in scores.items()},
             "zero_std_group_frac": stats.get("zero_std_group_frac", 0.0),
             "staleness": max(version_before - t.policy_version for t in batch),
             **learner,
         }
+
+    def record(self, summary: dict[str, Any], times: dict[str, float]) -> None:
+        """The iteration's numbers as Prometheus metrics (cluster/metrics.py)."""
+        m = self.metrics
+        m.set("iteration", self.iteration)
+        for name in ("policy_version", "staleness", "loss", "kl", "clip_frac", "ratio_mean", "ratio_std", "approx_kl",
+                     "grad_norm", "zero_std_group_frac"):
+            m.set(name, summary[name])
+        for stage, seconds in times.items():
+            m.set("stage_seconds", seconds, stage=stage)
+        m.set("reward_mean", summary["reward_mean"], scorer="total")
+        m.set("reward_std", summary["reward_std"], scorer="total")
+        for scorer in summary["rewards"]:
+            m.set("reward_mean", summary["rewards"][scorer], scorer=scorer)
+            m.set("reward_std", summary["rewards_std"][scorer], scorer=scorer)
+        for scorer, value in summary.get("eval", {}).items():
+            if isinstance(value, float):
+                m.set("eval_reward_mean", value, scorer=scorer)
+        m.set("groups_in_flight", self.pool.pending)
+        for pool, alive in (("rollout", self.pool.num_workers), ("rewards", self.rewards.num_alive()),
+                            ("learner", len(self.learner))):
+            m.set("actors_alive", alive, pool=pool)
+        m.inc("groups_trained_total", summary["groups"])
+        m.inc("groups_dropped_total", summary["groups_dropped"])
+        self.record_total("groups_requeued_total", self.pool.requeued)
+        c = self.rewards.counters
+        for event, total in zip(REWARD_EVENTS, (c.retries, c.actor_failures, c.timeouts, c.nonfinite, c.groups_failed)):
+            self.record_total("reward_events_total", total, event=event)
+
+    def record_total(self, name: str, total: int, **labels: str) -> None:
+        """Add to a counter what a running total gained since the last call."""
+        key = name + repr(sorted(labels.items()))
+        self.metrics.inc(name, total - self.reported.get(key, 0), **labels)
+        self.reported[key] = total
 
     def evaluate(self) -> dict[str, Any]:
         """ODE samples of the fixed evaluation prompts and seeds with the EMA weights (the policy when EMA is off):

@@ -63,13 +63,17 @@ class RewardHandle:
 class ScorerActor:
     """One scorer in one actor process; `target` is the driver's registry entry, so run-time registrations work."""
 
-    def __init__(self, name: str, target: str, options: Mapping[str, Any]):
+    def __init__(self, name: str, target: str, options: Mapping[str, Any], metrics: bool = True):
         import inspect
 
         import ray
 
+        from cluster.metrics import Recorder
         from rewards.registry import REGISTRY, build, scorer_class
 
+        self.name = name
+        self.metrics = Recorder(metrics)
+        self.metrics.zero("reward_images_total", scorer=name)
         REGISTRY[name] = target
         options = dict(options)
         # An actor given a GPU puts its model there unless the scorer's options say otherwise.
@@ -86,7 +90,10 @@ class ScorerActor:
         began = time.perf_counter()
         result = self.scorer(images[start:stop], prompts, metadata)
         metrics = {k: np.asarray(v) for k, v in result.metrics.items()}
-        return result.scores, metrics, time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        self.metrics.observe("reward_seconds", seconds, scorer=self.name)
+        self.metrics.inc("reward_images_total", stop - start, scorer=self.name)
+        return result.scores, metrics, seconds
 
 
 @dataclass
@@ -129,7 +136,9 @@ class _Call:
 class RewardService:
     """Scores groups of images with every configured scorer on its own pool of Ray actors."""
 
-    def __init__(self, cfg: RewardsConfig, *, max_restarts: int = 3, startup_timeout_s: float = 600.0):
+    def __init__(self, cfg: RewardsConfig, *, max_restarts: int = 3, startup_timeout_s: float = 600.0,
+                 metrics: bool = True):
+        """`metrics`: the scorer actors record cluster/metrics.py's reward metrics."""
         import ray
 
         from rewards.registry import REGISTRY, registered
@@ -143,7 +152,8 @@ class RewardService:
         self.counters = ServiceCounters()
         remote = ray.remote(ScorerActor).options(
             num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor, max_restarts=max_restarts)
-        self._actors = {s.name: [remote.remote(s.name, REGISTRY[s.name], s.options) for _ in range(cfg.num_actors)]
+        self._actors = {s.name: [remote.remote(s.name, REGISTRY[s.name], s.options, metrics)
+                                 for _ in range(cfg.num_actors)]
                         for s in cfg.scorers}
         self._load = {name: [0] * cfg.num_actors for name in self._actors}
         self._generation = {name: [0] * cfg.num_actors for name in self._actors}
@@ -227,6 +237,10 @@ class RewardService:
                 total += weight * group.scores[name].astype(np.float64)
         return GroupRewards(group.group_id, group.scores, total.astype(np.float32), group.metrics,
                             group.latency_s, group.compute_s, group.retries)
+
+    def num_alive(self) -> int:
+        """Actors not seen to die more often than Ray restarts them, over all scorers."""
+        return sum(d <= self.max_restarts for deaths in self._deaths.values() for d in deaths)
 
     def score(self, images: Any, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None, *,
               group_id: int) -> GroupRewards:

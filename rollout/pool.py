@@ -15,6 +15,7 @@ from typing import Any
 import ray
 import torch
 from ray.exceptions import RayActorError
+from tqdm import tqdm
 
 from cluster.config import JobConfig
 from rollout.models import PromptEmbeds
@@ -48,6 +49,9 @@ class RolloutPool:
         self._queue: deque[PromptGroup] = deque()
         self._in_flight: dict[ray.ObjectRef, tuple[_Slot, PromptGroup]] = {}
         self._attempts: dict[int, int] = {}
+        self._spawned = 0
+        self.requeued = 0  # groups queued again because their worker died
+        self.deaths = 0  # workers seen dead while holding a group
         self.resize(num_workers if num_workers is not None else r.num_actors)
 
     @property
@@ -132,7 +136,14 @@ class RolloutPool:
             for i, at in enumerate(starts)
         ]
         res = self._cfg.model.resolution
-        return torch.cat(ray.get(refs)) if refs else torch.empty(0, res, res, 3, dtype=torch.uint8)
+        if not refs:
+            return torch.empty(0, res, res, 3, dtype=torch.uint8)
+        with tqdm(total=len(prompts), desc="evaluation", unit="image", leave=False, disable=None) as bar:
+            pending = list(refs)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                bar.update(len(ray.get(done[0])))
+        return torch.cat(ray.get(refs))
 
     def negative_embeds(self) -> PromptEmbeds | None:
         """The empty prompt's embeddings the learner needs for true CFG (None for FLUX); ask once per job."""
@@ -148,7 +159,9 @@ class RolloutPool:
     # -----------------------------------------------------------------------------------------------------------------
 
     def _spawn(self) -> Any:
-        return RolloutWorker.options(**self._options).remote(self._cfg, self._store_name)
+        name = f"rollout-{self._spawned}"
+        self._spawned += 1
+        return RolloutWorker.options(**self._options).remote(self._cfg, self._store_name, name)
 
     def _remove(self, slot: _Slot) -> None:
         self._slots.remove(slot)
@@ -172,6 +185,8 @@ class RolloutPool:
             raise RuntimeError(f"group {group.group_id} ({group.prompt!r}): its rollout worker died {attempts} times; "
                                f"giving up (rollout.max_restarts = {self._cfg.rollout.max_restarts})")
         self._queue.appendleft(group)
+        self.requeued += 1
+        self.deaths += 1
         slot.failures += 1
         if slot.retiring or slot.failures > self._cfg.rollout.max_restarts:
             self._remove(slot)

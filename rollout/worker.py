@@ -8,10 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import time
+
 import ray
 import torch
 
 from cluster.config import JobConfig
+from cluster.metrics import Recorder
 from rollout.generate import RolloutSampler
 from rollout.models import PromptEmbeds, load_flow_model
 from rollout.prompts import PromptGroup
@@ -27,7 +30,11 @@ class RolloutWorker:
     so a restarted or newly added actor is never stale; before each group it checks the store again.
     """
 
-    def __init__(self, cfg: JobConfig, store_name: str | None = None) -> None:
+    def __init__(self, cfg: JobConfig, store_name: str | None = None, name: str = "rollout-0") -> None:
+        """`name`: the actor's label in the metrics (kept across Ray's restarts of the actor)."""
+        self._name = name
+        self._metrics = Recorder(cfg.metrics.enabled)
+        self._metrics.zero("rollout_images_total", actor=name)
         m = cfg.model
         if m.build_tiny:
             from rollout.tiny import ensure_tiny  # imports every pipeline class: only when needed
@@ -63,9 +70,11 @@ class RolloutWorker:
     def load_weights(self, version: int, ref_list: list[ray.ObjectRef], meta: list) -> int:
         """Apply a published state if `version` is newer than the one in force; return the version in force."""
         if version > self._version:
+            started = time.perf_counter()
             state = unpack_state(ray.get(ref_list[0]), meta)
             apply_policy_state(self._sampler.model.transformer, state, self._finetune)
             self._version = version
+            self._metrics.set("weight_load_seconds", time.perf_counter() - started, actor=self._name)
         return self._version
 
     def refresh_weights(self) -> int:
@@ -79,7 +88,12 @@ class RolloutWorker:
     def sample_group(self, group: PromptGroup) -> Trajectories:
         """G trajectories of one group with the newest weights, tagged with their policy version."""
         self.refresh_weights()
-        return self._sampler.sample_group(group, self._version)
+        started = time.perf_counter()
+        trajectories = self._sampler.sample_group(group, self._version)
+        self._metrics.inc("rollout_images_total", len(group.seeds), actor=self._name)
+        self._metrics.set("rollout_images_per_second", len(group.seeds) / (time.perf_counter() - started),
+                          actor=self._name)
+        return trajectories
 
     def sample_eval(self, prompts: Sequence[str], seeds: Sequence[int],
                     weights: tuple[list[ray.ObjectRef], list] | None = None) -> torch.Tensor:

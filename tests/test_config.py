@@ -186,4 +186,4 @@ def test_defaults_match_math_md():
     assert (lr.lr, lr.weight_decay, lr.max_grad_norm, lr.clip_range) == (3e-4, 1e-4, 1.0, 1e-4)
     assert (lr.advantage_clip, lr.advantage_std, lr.updates_per_iteration, lr.max_staleness) == (5.0, "global", 2, 1)
     assert (c.data.group_size, c.data.images_per_iteration) == (24, 1152)
-    assert c.metrics.host == "127.0.0.1"
+    assert c.ray.host == "127.0.0.1" and c.metrics.port == 9400
