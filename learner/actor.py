@@ -115,7 +115,8 @@ class LearnerActor(DistributedActor):
         self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
         if not on_gpu:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skips a 30-50 s JIT build, same results
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
+        self.init_process_group("nccl" if on_gpu else "gloo")  # bound to the node address only (learner/group.py)
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)  # takes the group as is
 
         dtype = PRECISION_DTYPES[lc.precision]
         self.model = self._load_model(dtype)

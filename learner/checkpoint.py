@@ -149,9 +149,21 @@ def resolve_resume(cfg: JobConfig, resume: str) -> Path | None:
         found = list_checkpoints(checkpoint_root(cfg))
         return found[-1] if found else None
     folder = Path(resume)
+    what = f"resume {resume!r} (--resume or checkpoint.resume)"
+    allowed = f"expected a checkpoint folder like {checkpoint_root(cfg)}/iter-000004, 'auto' or 'none'"
+    if not folder.is_dir():
+        raise CheckpointError(f"{what}: no such folder; {allowed}")
     if not (folder / TRAINER_FILE).is_file():
-        raise CheckpointError(f"--resume {resume}: not a checkpoint folder (no {TRAINER_FILE}); expected a folder like "
-                              f"{checkpoint_root(cfg)}/iter-000004, 'auto' or 'none'")
+        raise CheckpointError(f"{what}: not a checkpoint folder (no {TRAINER_FILE}); {allowed}")
+    try:
+        trainer = json.loads((folder / TRAINER_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{folder / TRAINER_FILE}: unreadable ({e}); the checkpoint is damaged, resume from "
+                              f"another one") from None
+    ranks = trainer.get("world_size") if isinstance(trainer, dict) else None
+    if ranks != cfg.learner.num_actors:
+        raise CheckpointError(f"{what}: written by {ranks} learner ranks, this job has learner.num_actors = "
+                              f"{cfg.learner.num_actors}; they must match to resume")
     return folder
 
 

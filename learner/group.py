@@ -1,9 +1,13 @@
 """A small generic Ray actor group: N actors of one class that form one torch.distributed group.
 
-The group creates rank 0 first, asks it for a reachable address and a free port on its node, then creates ranks
-1..N−1 pointing at it; every actor sets MASTER_ADDR, MASTER_PORT, RANK, LOCAL_RANK and WORLD_SIZE in its own
-environment before anything initialises torch.distributed. Constructors stay light: heavy set-up (loading a model,
-DeepSpeed) is a method that the driver runs on all ranks at once with `run`, since collectives need every rank.
+The group creates rank 0 first, which binds the rendezvous socket to its node's address and reports (address, port),
+then creates ranks 1..N−1 pointing at it; every actor sets MASTER_ADDR, MASTER_PORT, RANK, LOCAL_RANK and WORLD_SIZE
+in its own environment. Constructors stay light: heavy set-up (`init_process_group`, loading a model, DeepSpeed) is a
+method that the driver runs on all ranks at once with `run`, since collectives need every rank.
+
+Nothing listens beyond the node's address: torch's TCPStore server would bind every address, so rank 0 hands it the
+socket it bound itself, and gloo / NCCL are pointed at the network interface that carries the node address (unless
+GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME are set). On a local Ray that address is 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -23,10 +27,17 @@ class DistributedActor:
             raise ValueError(f"rank {rank} is outside a group of {world_size}")
         if rank > 0 and (master_addr is None or master_port is None):
             raise ValueError(f"rank {rank} needs rank 0's master_addr and master_port")
-        if master_addr is None:
-            master_addr = ray.util.get_node_ip_address()
-        if master_port is None:
-            master_port = _free_port()
+        node_addr = ray.util.get_node_ip_address()
+        self._listener: socket.socket | None = None
+        if rank == 0:
+            master_addr = master_addr or node_addr
+            self._listener = socket.create_server((master_addr, master_port or 0),
+                                                  family=socket.AF_INET6 if ":" in master_addr else socket.AF_INET)
+            master_port = self._listener.getsockname()[1]
+        interface = _interface_of(node_addr)
+        if interface is not None:
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+            os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
         self.rank, self.world_size = rank, world_size
         self._master = (master_addr, int(master_port))
         # Ray gives each actor only its own GPUs (CUDA_VISIBLE_DEVICES), so the local device is always index 0.
@@ -37,12 +48,27 @@ class DistributedActor:
         """The (address, port) that every rank of the group connects to."""
         return self._master
 
+    def init_process_group(self, backend: str) -> None:
+        """torch.distributed for the group (a collective: all ranks at once), its store served on rank 0's socket."""
+        import torch.distributed as dist
 
-def _free_port() -> int:
-    """A TCP port that is free on this node right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+        addr, port = self._master
+        if self.rank == 0:
+            store = dist.TCPStore(addr, port, self.world_size, is_master=True, master_listen_fd=self._listener.fileno(),
+                                  use_libuv=False)
+        else:
+            store = dist.TCPStore(addr, port, self.world_size, is_master=False)
+        dist.init_process_group(backend, store=store, rank=self.rank, world_size=self.world_size)
+
+
+def _interface_of(address: str) -> str | None:
+    """The name of the network interface that holds `address` ('lo' for 127.0.0.1), None if none does."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == address for a in addrs):
+            return name
+    return None
 
 
 class ActorGroup:

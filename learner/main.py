@@ -34,14 +34,17 @@ def say(msg: str) -> None:
 
 
 def run(cfg: JobConfig, resume: str) -> None:
-    """Start or join Ray, check the pools fit, build the actors, train, shut down."""
+    """Check the inputs (learner/preflight.py), start or join Ray, check the pools fit, build the actors, train,
+    shut down."""
     import ray
 
-    from cluster.runtime import check_pools_fit, start_ray
-    from learner.checkpoint import resolve_resume
+    from cluster.runtime import check_pools_fit, joins_cluster, metrics_endpoint, start_ray
+    from learner.preflight import preflight
 
-    resolve_resume(cfg, resume)  # a bad --resume fails here, before anything starts
-    say(start_ray(cfg.ray))
+    preflight(cfg, resume)  # every check that needs no Ray: a bad input fails here, before anything starts
+    say(start_ray(cfg.ray, cfg.metrics.port))
+    if cfg.metrics.enabled:
+        say(f"metrics: {metrics_endpoint(discovery=joins_cluster(cfg.ray) or cfg.ray.include_dashboard)}")
     job = None
     try:
         check_pools_fit(cfg, ray.cluster_resources())
@@ -92,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the job's inputs (config, files, cluster size): exit code 2, like a bad config."""
     from cluster.runtime import ClusterTooSmall
+    from learner.preflight import InputError
     from rollout.models import ModelLoadError
 
-    return (ValueError, FileNotFoundError, ClusterTooSmall, ModelLoadError)  # CheckpointError is a ValueError
+    # CheckpointError and PromptFileError are ValueErrors too
+    return (ValueError, FileNotFoundError, ClusterTooSmall, ModelLoadError, InputError)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ def normalize(text: str) -> str:
     return text.lower().replace(" ", "")
 
 
+def quoted_target(prompt: str) -> str | None:
+    """The target the scorer reads for: the first quoted span, or None when there is none or it is blank (such a
+    prompt cannot be scored; the job's preflight refuses it before training)."""
+    target = extract_target(prompt)
+    return target if target is not None and normalize(target) else None
+
+
 def levenshtein(a: str, b: str) -> int:
     """Edit distance (insertions, deletions, substitutions) between two strings."""
     if len(a) < len(b):
@@ -111,8 +118,8 @@ class OCRScorer(Scorer):
     def score(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> ScoreResult:
         targets = []
         for index, prompt in enumerate(prompts):
-            target = extract_target(prompt)
-            if target is None or not normalize(target):
+            target = quoted_target(prompt)
+            if target is None:
                 raise RewardInputError(f"OCR prompt {index} has no quoted target text: {prompt!r}")
             targets.append(target)
         scores = np.array([ocr_reward(t, self.read(image)) for t, image in zip(targets, images)], dtype=np.float32)

@@ -236,9 +236,20 @@ def _component_problem(folder: Path, cls: type) -> str | None:
     return f"has no tokenizer file ({' / '.join(_TOKENIZER_FILES)})"
 
 
+def _looks_like_hub_id(path: str) -> bool:
+    """Whether `path` could name a hub model ('name' or 'org/name'), rather than only a local folder."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
+
+
 def _resolve_hub_id(repo_id: str, subfolders: Collection[str], allow_download: bool) -> Path:
     """The local snapshot folder of a hub model (only the needed subfolders), from the cache or downloaded."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     try:
         return Path(
@@ -253,6 +264,12 @@ def _resolve_hub_id(repo_id: str, subfolders: Collection[str], allow_download: b
             raise ModelLoadError(
                 f"model.path {repo_id!r} is neither a local folder nor a model in the local Hugging Face cache, "
                 f"and downloads are off: set model.allow_download=true to fetch it, or point model.path at a "
+                f"local diffusers folder"
+            ) from err
+        if constants.is_offline_mode():
+            raise ModelLoadError(
+                f"could not fetch {repo_id!r} from the Hugging Face Hub: it is not in the local cache and "
+                f"HF_HUB_OFFLINE=1 turns downloads off; unset HF_HUB_OFFLINE to fetch it, or point model.path at a "
                 f"local diffusers folder"
             ) from err
         reason = (str(err).strip().splitlines() or [""])[0]
@@ -283,14 +300,23 @@ def locate_model(
     wanted = {sub: cls for sub, (part, cls) in model_class.components.items() if part in parts}
 
     folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ModelLoadError(f"model.path {str(path)!r} is a file; expected a diffusers folder (model_index.json, "
+                             f"transformer/, vae/, ...) or a hub id")
     if not folder.is_dir():
+        if not _looks_like_hub_id(str(path)):
+            raise ModelLoadError(
+                f"model.path {str(path)!r}: no such folder (and not a hub id like 'org/name'); point model.path at "
+                f"a local diffusers folder, or give a hub id in the local Hugging Face cache (or with "
+                f"model.allow_download=true)"
+            )
         folder = _resolve_hub_id(str(path), wanted, allow_download)
     problems = {sub: why for sub, cls in wanted.items() if (why := _component_problem(folder / sub, cls))}
     if problems:
         listed = "; ".join(f"subfolder {sub!r} {why}" for sub, why in problems.items())
         raise ModelLoadError(
-            f"the {family} model at {path} is incomplete: {listed} "
-            f"(parts {sorted(parts)} need {', '.join(wanted)})"
+            f"model.path {str(path)!r}: the {family} model there is incomplete: {listed} "
+            f"(parts {sorted(parts)} need {', '.join(wanted)}); is model.family right?"
         )
     return folder, wanted
 

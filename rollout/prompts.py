@@ -18,10 +18,12 @@ class PromptFileError(ValueError):
 
 @dataclass(frozen=True)
 class PromptItem:
-    """One prompt and whatever the reward needs to score it (the whole GenEval record, or {})."""
+    """One prompt and whatever the reward needs to score it (the whole GenEval record, or {}); `where` is the
+    file:line it was read from (empty for built-in and generated prompts), for error messages only."""
 
     prompt: str
     metadata: dict = field(default_factory=dict, hash=False)
+    where: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ def read_geneval_jsonl(path: str | Path) -> list[PromptItem]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise PromptFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise PromptFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
+                                  f"JSON object with a 'prompt', e.g. {{\"prompt\": \"a photo of a dog\"}}") from None
         if not isinstance(obj, dict):
             raise PromptFileError(
                 f"{where}: expected a JSON object with a 'prompt' string, got {type(obj).__name__}"
@@ -96,7 +99,7 @@ def read_geneval_jsonl(path: str | Path) -> list[PromptItem]:
         for key in ("include", "exclude"):
             if key in obj:
                 _check_objects(where, key, obj[key])
-        items.append(PromptItem(prompt=prompt, metadata=obj))
+        items.append(PromptItem(prompt=prompt, metadata=obj, where=where))
     if not items:
         raise PromptFileError(f"{p}: no prompts found; expected one JSON object with a 'prompt' per line")
     return items
@@ -105,7 +108,8 @@ def read_geneval_jsonl(path: str | Path) -> list[PromptItem]:
 def read_text_prompts(path: str | Path) -> list[PromptItem]:
     """Read one prompt per line, skipping blank lines and stripping surrounding whitespace."""
     p, text = _read_text(path)
-    items = [PromptItem(prompt=line.strip()) for line in text.splitlines() if line.strip()]
+    items = [PromptItem(prompt=line.strip(), where=f"{p}:{lineno}")
+             for lineno, line in enumerate(text.splitlines(), start=1) if line.strip()]
     if not items:
         raise PromptFileError(f"{p}: no prompts found; expected one prompt per non-blank line")
     return items

@@ -1,0 +1,227 @@
+"""Checks of the job's inputs that need no Ray, run by `python -m learner.main` before Ray starts or anything waits.
+
+Each check is one small function `check_...(cfg, resume)` that returns nothing or raises an error of
+`learner.main.user_errors()` (exit code 2) with one line: what is wrong, where (the config field; file:line for a data
+file) and what is allowed. `preflight` runs CHECKS in order, cheapest first, and stops at the first failure. No check
+leaves anything on disk, except the tiny model that `model.build_tiny` asks for (built atomically, as the job would do
+next). To add a check, write one more function and list it in CHECKS.
+"""
+
+from __future__ import annotations
+
+import inspect
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from cluster.config import JobConfig
+
+
+class InputError(ValueError):
+    """An input of the job (a folder, a name or an option in the config) that cannot work; one line says why."""
+
+
+def check_output_dir(cfg: JobConfig, resume: str) -> None:
+    """output_dir is a folder, or can be created, and a file can be written in it; the probe removes what it made."""
+    out = Path(cfg.output_dir).absolute()
+    made = []  # folders the probe creates, deepest first: removed again below
+    try:
+        existing = out
+        while not existing.exists():
+            made.append(existing)
+            existing = existing.parent
+        if not existing.is_dir():
+            raise InputError(f"output_dir = {cfg.output_dir!r}: {existing} is a file, not a folder; give a folder "
+                             f"that exists or can be created")
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise InputError(f"output_dir = {cfg.output_dir!r}: cannot create or write it ({e.strerror or e}); give a "
+                         f"folder this user can create and write") from None
+    finally:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
+def check_resume(cfg: JobConfig, resume: str) -> None:
+    """The checkpoint to resume from ('none', 'auto' or a folder) is one this job can continue."""
+    from learner.checkpoint import resolve_resume
+
+    resolve_resume(cfg, resume)
+
+
+def check_rewards(cfg: JobConfig, resume: str) -> None:
+    """Every scorer name is registered and its options are parameters of that scorer (nothing is loaded)."""
+    from rewards.registry import REGISTRY, registered, scorer_class
+
+    for i, spec in enumerate(cfg.rewards.scorers):
+        field = f"rewards.scorers.{i}"
+        if spec.name not in REGISTRY:
+            raise InputError(f"{field}.name = {spec.name!r}: unknown reward; registered: {', '.join(registered())}")
+        params = inspect.signature(scorer_class(spec.name)).parameters
+        if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            continue
+        unknown = sorted(set(spec.options) - set(params))
+        if unknown:
+            raise InputError(f"{field}.options: {spec.name} has no option {', '.join(map(repr, unknown))}; "
+                             f"allowed: {', '.join(params) or 'none'}")
+
+
+def check_prompts(cfg: JobConfig, resume: str) -> None:
+    """The training prompts, and the evaluation prompts when evaluation is on, can be read (file, format, overlap
+    with data.exclude_path). Generating 50 000 GenEval prompts takes ~1.5 s on one core: cheap enough to do twice."""
+    from rollout.sources import eval_prompts, training_prompts
+
+    training_prompts(cfg.data, seed=cfg.seed)
+    if cfg.eval.every_n_iterations:
+        eval_prompts(cfg.eval)
+
+
+def check_ocr_targets(cfg: JobConfig, resume: str) -> None:
+    """With the `ocr` reward on, every prompt it scores has its target in double quotes, as the scorer parses it."""
+    if "ocr" not in {s.name for s in cfg.rewards.scorers}:
+        return
+    from rewards.ocr import quoted_target
+    from rollout.sources import eval_prompts, training_prompts
+
+    scored = [("data", training_prompts(cfg.data, seed=cfg.seed))]
+    if cfg.eval.every_n_iterations:
+        scored.append(("eval", eval_prompts(cfg.eval)))
+    for section, items in scored:
+        for i, item in enumerate(items):
+            if quoted_target(item.prompt) is None:
+                where = item.where or f"{section}.source {getattr(cfg, section).source!r}, prompt {i + 1}"
+                shown = item.prompt if len(item.prompt) <= 80 else item.prompt[:77] + "..."
+                raise InputError(f"{where}: {shown!r} has no text in double quotes for the ocr reward; every prompt "
+                                 f"it scores needs its target quoted, e.g. 'a sign that says \"Open Late\"'")
+
+
+def check_local_pools_fit(cfg: JobConfig, resume: str) -> None:
+    """A local Ray gets ray.num_cpus / ray.num_gpus when they are set: pools asking for more are refused before Ray
+    starts. (Joining a cluster, or with them unset, learner.main checks against Ray's own count once it is up.)"""
+    from cluster.runtime import ClusterTooSmall, check_pools_fit, joins_cluster
+
+    if joins_cluster(cfg.ray):
+        return
+    given = {"CPU": cfg.ray.num_cpus, "GPU": cfg.ray.num_gpus}
+    try:
+        check_pools_fit(cfg, {res: float("inf") if n is None else float(n) for res, n in given.items()})
+    except ClusterTooSmall as e:
+        raise ClusterTooSmall(f"{e} (the local Ray gets what ray.num_cpus / ray.num_gpus give it)") from None
+
+
+def check_metrics_port(cfg: JobConfig, resume: str) -> None:
+    """A local Ray's metrics endpoint (ray.host : metrics.port) is free: Ray itself would start without it and the
+    metrics would silently go nowhere. (A joined cluster exports on its own ports.)"""
+    import socket
+
+    from cluster.runtime import joins_cluster
+
+    if not cfg.metrics.enabled or cfg.metrics.port == 0 or joins_cluster(cfg.ray):
+        return
+    with socket.socket(socket.AF_INET6 if ":" in cfg.ray.host else socket.AF_INET) as probe:
+        try:
+            probe.bind((cfg.ray.host, cfg.metrics.port))
+        except OSError as e:
+            raise InputError(f"metrics.port = {cfg.metrics.port}: {cfg.ray.host}:{cfg.metrics.port} is not free "
+                             f"({e.strerror or e}); give a free port, 0 for any free port, or metrics.enabled=false"
+                             ) from None
+
+
+def check_model(cfg: JobConfig, resume: str) -> None:
+    """The model folder holds every part (a hub id resolves through the local cache, or downloads when allowed);
+    with `model.build_tiny` the tiny model is built there first if the folder is missing or empty, as the job would
+    do next."""
+    from rollout.models import ModelLoadError, locate_model
+
+    m = cfg.model
+    folder = Path(m.path)
+    if m.build_tiny and not (folder.is_dir() and any(folder.iterdir())):
+        from rollout.tiny import ensure_tiny  # imported only to build: it imports every pipeline class (and warns)
+
+        try:
+            ensure_tiny(m.family, Path(m.path), seed=m.tiny_seed)
+        except OSError as e:
+            raise ModelLoadError(f"model.path {m.path!r}: cannot build the tiny model there ({e}); give a folder "
+                                 f"that can be created") from None
+    locate_model(m.path, m.family, allow_download=m.allow_download)
+
+
+def check_lora_targets(cfg: JobConfig, resume: str) -> None:
+    """Every learner.lora.target_modules entry names at least one layer of the transformer, and only layers LoRA can
+    wrap. Names match as peft matches them (its `check_target_module_exists`: the module's full name, or its ending
+    after a dot). The transformer is built from its config.json on the meta device: no weights are read."""
+    lora = cfg.learner.lora
+    if cfg.learner.finetune != "lora" or lora is None:
+        return
+    import torch
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    from rollout.models import ModelLoadError, locate_model
+
+    m = cfg.model
+    folder, classes = locate_model(m.path, m.family, allow_download=m.allow_download, parts=("transformer",))
+    cls = classes["transformer"]
+    try:
+        with torch.device("meta"):
+            transformer = cls.from_config(cls.load_config(folder, subfolder="transformer"))
+    except Exception as e:  # noqa: BLE001 - any failure here is a config.json that does not fit the family
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"{folder / 'transformer' / 'config.json'}: cannot build a {cls.__name__} from it "
+                             f"({type(e).__name__}: {reason}); is model.family right?") from None
+    modules = dict(transformer.named_modules())
+    wrappable = {name for name, module in modules.items() if isinstance(module, _lora_layer_types())}
+    allowed = f"allowed: the name or name ending of a Linear/Conv/Embedding layer: {', '.join(_endings(wrappable))}"
+    for target in lora.target_modules:
+        match = LoraConfig(target_modules=[target])
+        matched = [name for name in modules if name and check_target_module_exists(match, name)]
+        if not matched:
+            raise InputError(f"learner.lora.target_modules: {target!r} matches no module of the {cls.__name__} at "
+                             f"{folder}; {allowed}")
+        unwrappable = [name for name in matched if name not in wrappable]
+        if unwrappable:
+            name = unwrappable[0]
+            raise InputError(f"learner.lora.target_modules: {target!r} matches {name} "
+                             f"({type(modules[name]).__name__}), which LoRA cannot wrap; {allowed}")
+
+
+def _lora_layer_types() -> tuple[type, ...]:
+    """The layer types peft's LoRA wraps (its 'is not supported' error lists the same)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    nn = torch.nn
+    return nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, Conv1D
+
+
+def _endings(names: set[str]) -> list[str]:
+    """Distinct endings of module names as one writes them in target_modules ('blocks.0.attn.to_out.0' -> 'to_out.0')."""
+    short = set()
+    for name in names:
+        parts = name.split(".")
+        short.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
+    return sorted(short)
+
+
+CHECKS: list[Callable[[JobConfig, str], None]] = [
+    check_output_dir,
+    check_resume,
+    check_rewards,
+    check_prompts,
+    check_ocr_targets,
+    check_local_pools_fit,
+    check_metrics_port,
+    check_model,
+    check_lora_targets,
+]
+
+
+def preflight(cfg: JobConfig, resume: str) -> None:
+    """Run every check that needs no Ray, in order; the first failure raises (one line, exit code 2)."""
+    for check in CHECKS:
+        check(cfg, resume)
