@@ -115,6 +115,8 @@ class LearnerConfig(PoolConfig):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(1e-8, gt=0.0)
     max_grad_norm: float = Field(1.0, gt=0.0)
+    max_skipped_updates: int = Field(3, ge=1, description="stop the job after this many updates in a row are skipped "
+                                     "for a non-finite loss or gradient")
     clip_range: float = Field(1e-4, gt=0.0)
     log_prob_reduction: Literal["mean", "sum"] = Field(
         "mean", description="per-element mean (the papers, clip ~1e-4) or sum over the latent (an ordinary clip ~0.2)")

@@ -112,6 +112,8 @@ def save_checkpoint(cfg: JobConfig, iteration: int, trainer: dict[str, Any], ran
     """Write the checkpoint of `iteration` atomically and keep only the newest `checkpoint.keep_last`."""
     root = checkpoint_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-iter-*"):  # left by a process killed mid-write: never a checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"iter-{iteration:06d}"
     tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

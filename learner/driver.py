@@ -98,6 +98,7 @@ class Job:
             f"(ZeRO-{lc.zero_stage}, {lc.precision}, {info['trainable_parameters']:,} trainable parameters)")
         self.iteration = 0
         self.last_advantages: dict[str, float] = {}
+        self.skipped_in_a_row = 0  # updates skipped for a non-finite loss or gradient, since the last applied one
 
     # -----------------------------------------------------------------------------------------------------------------
 
@@ -110,8 +111,22 @@ class Job:
             self.sampler.load_state_dict(trainer["prompt_cursor"])
             self.iteration = trainer["iteration"]
             self.last_advantages = trainer.get("advantages", {})
+            self.trim_history()
             self.say(f"resumed from {folder} at iteration {self.iteration}")
         ray.get(self.learner.run("publish"))
+
+    def trim_history(self) -> None:
+        """Drop the history lines of iterations after the checkpoint resumed from (they are trained again), and a
+        line cut short by a killed process."""
+        path = Path(self.cfg.output_dir) / "history.jsonl"
+        if not path.is_file():
+            return
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in lines if _iteration_of(ln) <= self.iteration]
+        if len(kept) < len(lines):
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            tmp.replace(path)
 
     def run(self) -> list[dict[str, Any]]:
         """Train until `iterations`; return one summary dict per iteration."""
@@ -135,6 +150,7 @@ class Job:
             times["train"] = time.perf_counter() - started
             times["weight_sync"] = stats["publish_s"]
             self.iteration += 1
+            self.check_skipped_updates(stats["updates"])
             self.last_advantages = {k: stats[k] for k in ("advantage_mean", "advantage_std", "zero_std_group_frac")
                                     if k in stats}
 
@@ -159,6 +175,22 @@ class Job:
             with open(Path(cfg.output_dir) / "history.jsonl", "a") as f:  # one line per iteration, for plots
                 f.write(json.dumps(history[-1]) + "\n")
         return history
+
+    def check_skipped_updates(self, updates: list[dict[str, float]]) -> None:
+        """Count updates the learner skipped (every rank alike) for a non-finite loss or gradient; stop the job when
+        `learner.max_skipped_updates` come in a row."""
+        limit = self.cfg.learner.max_skipped_updates
+        for update in updates:
+            self.skipped_in_a_row = 0 if update["step_applied"] else self.skipped_in_a_row + 1
+            if self.skipped_in_a_row >= limit:
+                raise TrainingStopped(
+                    f"{self.skipped_in_a_row} updates in a row were skipped for a non-finite loss or gradient "
+                    f"(learner.max_skipped_updates = {limit}), the last at iteration {self.iteration}; the weights "
+                    f"are still those of policy version {int(update['policy_version'])}. Resume from the last "
+                    f"checkpoint (--resume auto) with a lower learner.lr or learner.max_grad_norm")
+            if not update["step_applied"]:
+                self.say(f"iteration {self.iteration}: update skipped for a non-finite loss or gradient "
+                         f"({self.skipped_in_a_row} in a row, the job stops at {limit})")
 
     def shutdown(self) -> None:
         for close in (self.pool.shutdown, self.rewards.shutdown, self.learner.kill, lambda: ray.kill(self.store)):
@@ -191,7 +223,7 @@ class Job:
             try:
                 scored = self.rewards.collect(handles[group_id])
             except RewardError as e:
-                self.say(f"group {group_id} dropped: {e}")
+                self.say(f"group {group_id} ({trajectories[group_id].prompt!r}) dropped: {e}")
                 continue
             batch.append(trajectories[group_id])
             rewards.append(scored)
@@ -214,6 +246,8 @@ class Job:
             "iteration": self.iteration,
             "policy_version": stats["policy_version"],
             "groups": len(batch),
+            "group_ids": [t.group_id for t in batch],
+            "samples": stats["samples"],
             "groups_dropped": self.groups_per_iteration - len(batch),
             "reward_mean": float(total.mean()),
             "reward_std": float(total.std()),
@@ -292,6 +326,17 @@ class Job:
         trainer = {"policy_version": states[0]["counters"]["optimizer_steps"], "prompt_cursor": cursor,
                    "advantages": self.last_advantages}
         return save_checkpoint(self.cfg, self.iteration, trainer, states, export)
+
+
+def _iteration_of(history_line: str) -> float:
+    try:
+        return json.loads(history_line)["iteration"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+class TrainingStopped(RuntimeError):
+    """The job cannot go on (e.g. updates keep coming out non-finite); the message says what to do."""
 
 
 def save_grid(images: torch.Tensor, path: Path) -> None:

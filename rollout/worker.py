@@ -63,6 +63,12 @@ class RolloutWorker:
         self._version = 0  # the base model (LoRA B = 0) until a version is published
         self.refresh_weights()
 
+    def pid(self) -> int:
+        """The actor's process id."""
+        import os
+
+        return os.getpid()
+
     def policy_version(self) -> int:
         """The version of the weights in force."""
         return self._version

@@ -46,3 +46,17 @@ class NanWhereAsked(Scorer):
         scores = mean_scores(images, prompts)
         scores[[bool(m.get("nan")) for m in metadata]] = np.nan
         return ScoreResult(scores=scores)
+
+
+class NanForWord(Scorer):
+    """`mean_scores`, but NaN for every image whose prompt contains `word`."""
+
+    name = "nan_for_word"
+
+    def __init__(self, word: str = "poison"):
+        self.word = word
+
+    def score(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> ScoreResult:
+        scores = mean_scores(images, prompts)
+        scores[[self.word in p for p in prompts]] = np.nan
+        return ScoreResult(scores=scores)

@@ -11,12 +11,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 import torch
 from PIL import Image
 
 from learner.checkpoint import load_tree
+from tests.cluster_helpers import stop_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -26,7 +26,7 @@ VENV_BIN = Path(sys.executable).parent
 BASE = ["iterations=3", "data.images_per_iteration=8", "data.group_size=4", "rollout.samples_per_forward=4",
         "learner.micro_batch_size=4", "learner.updates_per_iteration=1", "learner.mode=sync",
         "eval.every_n_iterations=3", "eval.num_prompts=2", "eval.batch_size=2", "eval.num_steps=4",
-        "checkpoint.every_n_iterations=1", "checkpoint.keep_last=5"]
+        "checkpoint.every_n_iterations=1", "checkpoint.keep_last=5", "metrics.port=0"]
 
 
 def job_env() -> dict[str, str]:
@@ -144,23 +144,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop_cluster(temp_dir: Path) -> None:
-    """Stop only the Ray processes of the cluster this test started (`ray stop` would stop every cluster here)."""
-    victims = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(str(temp_dir) in part for part in (p.info["cmdline"] or [])):
-                victims += [p] + p.children(recursive=True)
-        except psutil.Error:
-            continue
-    for p in victims:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(victims, timeout=20)
-
-
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_tiny_job(tmp_path):
     temp_dir = Path("/tmp") / f"flowrl-ray-{os.getpid()}-{int(time.time())}"  # short: Ray's socket paths are limited
@@ -183,4 +166,4 @@ def test_ray_job_submit_runs_the_tiny_job(tmp_path):
         assert "joined the Ray cluster" in r.stdout and "done: 2 iterations" in r.stdout
         assert [h["iteration"] for h in history(out)] == [1, 2]
     finally:
-        _stop_cluster(temp_dir)
+        stop_cluster(temp_dir)

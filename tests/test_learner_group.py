@@ -172,6 +172,54 @@ def test_two_ranks_train_the_same_lora_as_one(ray_local, one_rank, tiny_model_di
     assert first["updates"][0]["grad_norm"] == pytest.approx(one_rank["first"]["updates"][0]["grad_norm"], rel=1e-5)
 
 
+def test_a_nonfinite_update_is_skipped_on_every_rank_alike(ray_local, tiny_model_dirs, batch):
+    """A NaN recorded log-prob in one sample of rank 1 only: both ranks skip the update (DeepSpeed's overflow check is
+    all-reduced), weights, optimizer moments and version stay as they were, and the next clean update applies."""
+    import dataclasses
+
+    cfg = _config(tiny_model_dirs["flux"], num_actors=2, micro_batch_size=2)
+    groups, rewards = sort_batch(*batch, cfg.trained_steps)
+    samples = sample_order(groups)
+    [plan] = update_plan(len(samples), num_updates=1, num_ranks=2, micro_batches=2)
+    g, i = samples[plan[1][0][0]]  # the first sample of rank 1's first micro-batch
+    log_probs = groups[g].log_probs.clone()
+    log_probs[i, 0] = float("nan")
+    poisoned = list(groups)
+    poisoned[g] = dataclasses.replace(groups[g], log_probs=log_probs)
+    assert (g, i) not in {samples[q] for micro in plan[0] for q in micro}  # rank 0 never sees the NaN
+
+    group = ActorGroup(LearnerActor, 2, num_cpus_per_actor=0.5)
+    try:
+        ray_local.get(group.run("setup", cfg))
+        _train(ray_local, group, batch, 1)  # a clean update first: the optimizer has moments to keep
+        before = group.get("state")
+        bad = group.get("train_iteration", ray_local.put(poisoned), ray_local.put(rewards))
+        after = group.get("state")
+        good = _train(ray_local, group, batch, 1)[0]
+    finally:
+        group.kill()
+    for rank in range(2):
+        [update] = bad[rank]["updates"]
+        assert update["step_applied"] == 0.0 and bad[rank]["policy_version"] == 1
+        assert after[rank]["counters"]["optimizer_steps"] == 1
+        for k, v in before[rank]["weights"].items():
+            assert torch.equal(after[rank]["weights"][k], v), k
+        moments = [(b, a) for b, a in zip(_tensors(before[rank]["optimizer"]), _tensors(after[rank]["optimizer"]))]
+        assert moments and all(torch.equal(b, a) for b, a in moments)
+    assert good["updates"][0]["step_applied"] == 1.0 and good["policy_version"] == 2
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    """Every tensor of a nested optimizer state, in order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in _tensors(v)]
+    return []
+
+
 def test_zero3_with_true_cfg_recomputes_exactly_and_publishes_the_gathered_lora(ray_local, tiny_model_dirs):
     cfg = validate_config(dict(
         run_name="learner-test-zero3",

@@ -18,7 +18,8 @@ def test_tiny_run_raises_the_reward(kind, noise_level, tmp_path):
     r = subprocess.run([sys.executable, "-m", "learner.main", "--cfg", "cluster/tiny.yaml",
                         "--set", f"output_dir={tmp_path}", "--set", f"sampler.kind={kind}",
                         "--set", f"sampler.noise_level={noise_level}",
-                        "--set", "eval.every_n_iterations=0", "--set", "checkpoint.every_n_iterations=0"],
+                        "--set", "eval.every_n_iterations=0", "--set", "checkpoint.every_n_iterations=0",
+                        "--set", "metrics.port=0"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]

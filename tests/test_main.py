@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_main(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.run([sys.executable, "-m", "learner.main", "--cfg", "cluster/tiny.yaml", *args],
+    return subprocess.run([sys.executable, "-m", "learner.main", "--cfg", "cluster/tiny.yaml", "--set", "metrics.port=0",
+                           *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 

@@ -1,0 +1,139 @@
+"""Fault injection on the tiny job: dead and hung actors, NaN rewards, non-finite updates, a stop mid-checkpoint.
+Nothing may be lost, trained twice or silently corrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def job_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+@pytest.mark.slow
+def test_dead_and_hung_actors_and_nan_rewards_lose_nothing(tmp_path, tiny_model_dirs):
+    r = subprocess.run([sys.executable, "-m", "tests.fault_run", str(tmp_path), str(tiny_model_dirs["flux"])],
+                       cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    report = json.loads(r.stdout.strip().splitlines()[-1])
+    history, counters, metrics = report["history"], report["counters"], report["metrics"]
+
+    # the run completed; 8 prompts x 1 epoch = 8 groups, each trained once and whole, but the NaN one
+    assert [h["iteration"] for h in history] == [1, 2, 3, 4]
+    trained = [g for h in history for g in h["group_ids"]]
+    assert len(trained) == len(set(trained)) == 7
+    assert sum(h["groups_dropped"] for h in history) == 1
+    assert all(h["samples"] == 8 * h["groups"] for h in history)
+    dropped = [line for line in report["said"] if "dropped" in line]
+    assert len(dropped) == 1 and "'a poison apple'" in dropped[0] and "non-finite" in dropped[0]
+
+    # the killed rollout actor: restarted by Ray, its group sampled again, with the current weights (no staleness)
+    assert report["requeued"] >= 1
+    assert report["rollout_pids_after"][0] != report["rollout_pids"][0]
+    assert all(h["staleness"] == 0 for h in history)
+
+    # the killed and the hung reward actor: retried; the NaN group failed loudly; every event counted in the metrics
+    assert counters["actor_failures"] >= 1 and counters["timeouts"] >= 1 and counters["retries"] >= 2
+    assert counters["nonfinite"] == 1 and counters["groups_failed"] == 1
+    assert metrics["ray_flowrl_groups_requeued_total"] == report["requeued"]
+    assert metrics["ray_flowrl_reward_events_total{timeout}"] == counters["timeouts"]
+    assert metrics["ray_flowrl_reward_events_total{actor_failure}"] == counters["actor_failures"]
+    assert metrics["ray_flowrl_reward_events_total{nonfinite}"] == 1
+    assert metrics["ray_flowrl_groups_dropped_total"] == 1
+    assert metrics["ray_flowrl_groups_trained_total"] == 7
+
+
+SMALL = ["data.images_per_iteration=16", "eval.every_n_iterations=0", "metrics.port=0"]
+
+
+def run_main(out: Path, *overrides: str, resume: str | None = None, env: dict | None = None,
+             script: str | None = None) -> subprocess.CompletedProcess:
+    """`python -m learner.main` on the tiny config (or `script` with the same arguments)."""
+    args = ["--cfg", "cluster/tiny.yaml", "--set", f"output_dir={out}"]
+    for o in SMALL + list(overrides):
+        args += ["--set", o]
+    if resume:
+        args += ["--resume", resume]
+    head = ["-c", script] if script else ["-m", "learner.main"]
+    return subprocess.run([sys.executable, *head, *args], cwd=ROOT, env=env or job_env(), capture_output=True,
+                          text=True, timeout=600)
+
+
+# The job, with the checkpoint writer's file function replaced by one that writes its file and then SIGKILLs the
+# process the first time it writes into the checkpoint of iteration 4 (after printing the hashes of iteration 2's).
+KILLED_MID_CHECKPOINT = r"""
+import hashlib, json, os, signal, sys
+from pathlib import Path
+import learner.main  # first: it keeps Ray on loopback
+import learner.checkpoint as checkpoint
+
+write = checkpoint.save_file
+
+def write_then_die(tensors, path, *args, **kwargs):
+    write(tensors, path, *args, **kwargs)
+    if "iter-000004" in path:
+        previous = Path(path).parents[1] / "iter-000002"
+        digest = {str(p.relative_to(previous)): hashlib.sha256(p.read_bytes()).hexdigest()
+                  for p in sorted(previous.rglob("*")) if p.is_file()}
+        print("PREVIOUS " + json.dumps(digest), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.save_file = write_then_die
+sys.exit(learner.main.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_kill_in_the_middle_of_a_checkpoint_keeps_the_previous_one_and_resume_auto_goes_on(tmp_path):
+    import hashlib
+
+    from tests.cluster_helpers import stop_cluster
+
+    out = tmp_path / "run"
+    ray_tmp = Path("/tmp") / f"flowrl-ck-{os.getpid()}"  # short: Ray's socket paths are limited
+    env = {**job_env(), "RAY_TMPDIR": str(ray_tmp)}
+    try:
+        r = run_main(out, "iterations=4", "checkpoint.every_n_iterations=2", env=env, script=KILLED_MID_CHECKPOINT)
+    finally:
+        stop_cluster(ray_tmp)  # the killed driver's Ray processes
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert r.returncode == -9, r.stdout[-2000:] + r.stderr[-3000:]
+    previous = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("PREVIOUS "))[9:])
+
+    root = out / "checkpoints"
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == ["iter-000002"]
+    [partial] = list(root.glob(".tmp-iter-000004-*"))  # what the kill left: never taken for a checkpoint
+    assert not (partial / "trainer.json").exists()
+    now = {str(p.relative_to(root / "iter-000002")): hashlib.sha256(p.read_bytes()).hexdigest()
+           for p in sorted((root / "iter-000002").rglob("*")) if p.is_file()}
+    assert now == previous and "trainer.json" in now
+
+    r = run_main(out, "iterations=4", "checkpoint.every_n_iterations=2", resume="auto")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert f"resumed from {root / 'iter-000002'} at iteration 2" in r.stdout
+    assert sorted(p.name for p in root.iterdir()) == ["iter-000002", "iter-000004"]  # the leftover is gone
+    rows = [json.loads(ln) for ln in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["iteration"] for h in rows] == [1, 2, 3, 4]  # iteration 3 of the killed run is not kept twice
+    assert rows[-1]["policy_version"] == 4
+
+
+@pytest.mark.slow
+def test_updates_skipped_in_a_row_stop_the_job_with_a_clear_message(tmp_path):
+    """lr 1e30: the first update leaves weights whose forward overflows, so every later update is non-finite."""
+    r = run_main(tmp_path, "iterations=8", "learner.lr=1e30", "learner.max_skipped_updates=2",
+                 "checkpoint.every_n_iterations=0")
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "iter 1/8 v1" in r.stdout and "update skipped for a non-finite loss or gradient (1 in a row" in r.stdout
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "2 updates in a row were skipped" in errors[0]
+    assert "learner.max_skipped_updates = 2" in errors[0] and "policy version 1" in errors[0]
+    assert "Traceback" not in r.stderr
