@@ -15,6 +15,7 @@ REGISTRY: dict[str, str] = {
     "aesthetic": "rewards.aesthetic:Aesthetic",
     "ocr": "rewards.ocr:OCRScorer",
     "geneval": "rewards.geneval:GenEvalScorer",
+    "shapes": "rewards.shapes:ShapesScorer",
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from cluster.config import DataConfig, EvalConfig
 from rollout.geneval_prompts import generate_geneval_prompts, refuse_test_overlap
 from rollout.prompts import PromptItem, builtin_prompts, read_geneval_jsonl, read_text_prompts
+from rollout.shapes_data import shapes_prompts
 
 
 def _read(source: str, path: str | None) -> list[PromptItem]:
@@ -14,6 +15,8 @@ def _read(source: str, path: str | None) -> list[PromptItem]:
         return read_text_prompts(path)
     if source == "geneval_jsonl":
         return read_geneval_jsonl(path)
+    if source.startswith("shapes_"):
+        return shapes_prompts(source.removeprefix("shapes_"))
     raise ValueError(f"unknown prompt source {source!r}")
 
 
