@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shutil
 import time
 import uuid
@@ -47,7 +46,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from rollout import shapes_data
 from rollout.sampling import SCHEDULER_CONFIGS
-from rollout.tiny import _clip_config, _seeded, _t5
+from rollout.tiny import _clip_config, _seeded, _t5, move_into_place
 
 MARKER = "shapes_base.json"
 FORMAT = 1
@@ -365,13 +364,7 @@ def build_shapes_base(out_dir: Path | str, settings: Settings = Settings(), *, o
             **{k: round(v, 1) for k, v in times.items()},
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        if out_dir.exists():
-            trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, trash)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return marker

@@ -232,16 +232,21 @@ def build_tiny(family: str, out_dir: Path | str, *, seed: int = 0, overwrite: bo
     try:
         pipe.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps({"family": family, "seed": seed}) + "\n")
-        if _is_nonempty_dir(out_dir):  # overwrite: move the old folder aside first (rename cannot replace it)
-            trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, trash)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename a finished folder to `out_dir`; an existing one is moved aside first (a rename cannot replace it)."""
+    if out_dir.exists():
+        trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, trash)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
 
 
 def ensure_tiny(family: str, out_dir: Path | str, seed: int = 0) -> Path:
