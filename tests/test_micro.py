@@ -33,7 +33,7 @@ def test_a_short_micro_run_trains_on_the_shapes_reward(tmp_path):
     overrides = [f"model.path={base}", f"output_dir={tmp_path / 'run'}", "iterations=2", "metrics.port=0",
                  "data.images_per_iteration=16", "learner.micro_batch_size=4", "eval.every_n_iterations=2",
                  "eval.source=shapes_heldout", "eval.batch_size=12", "checkpoint.every_n_iterations=0",
-                 "sampler.num_steps=4"]
+                 "sampler.num_steps=4", "sampler.trained_steps=2"]
     args = [sys.executable, "-m", "learner.main", "--cfg", "cluster/micro.yaml"]
     for o in overrides:
         args += ["--set", o]
