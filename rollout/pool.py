@@ -51,7 +51,6 @@ class RolloutPool:
         self._attempts: dict[int, int] = {}
         self._spawned = 0
         self.requeued = 0  # groups queued again because their worker died
-        self.deaths = 0  # workers seen dead while holding a group
         self.resize(num_workers if num_workers is not None else r.num_actors)
 
     @property
@@ -186,7 +185,6 @@ class RolloutPool:
                                f"giving up (rollout.max_restarts = {self._cfg.rollout.max_restarts})")
         self._queue.appendleft(group)
         self.requeued += 1
-        self.deaths += 1
         slot.failures += 1
         if slot.retiring or slot.failures > self._cfg.rollout.max_restarts:
             self._remove(slot)
