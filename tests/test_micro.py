@@ -20,7 +20,8 @@ def test_micro_config_fits_the_base_model_and_two_cores():
     assert cfg.model.family == "sd3" and cfg.model.resolution == 64 and cfg.model.max_sequence_length == 8
     assert [s.name for s in cfg.rewards.scorers] == ["shapes"] and cfg.data.source == "shapes_train"
     assert cfg.learner.log_prob_reduction == "sum" and cfg.learner.clip_range == 0.2
-    assert cfg.trained_steps == 5 and cfg.data.images_per_iteration // cfg.data.group_size == 8
+    assert cfg.sampler.fast_window.size == 3 and cfg.trained_steps == 3 and cfg.sampler.same_initial_noise
+    assert cfg.data.images_per_iteration // cfg.data.group_size == 16 and cfg.learner.updates_per_iteration == 1
 
 
 @pytest.mark.slow
@@ -33,13 +34,13 @@ def test_a_short_micro_run_trains_on_the_shapes_reward(tmp_path):
     overrides = [f"model.path={base}", f"output_dir={tmp_path / 'run'}", "iterations=2", "metrics.port=0",
                  "data.images_per_iteration=16", "learner.micro_batch_size=4", "eval.every_n_iterations=2",
                  "eval.source=shapes_heldout", "eval.batch_size=12", "checkpoint.every_n_iterations=0",
-                 "sampler.num_steps=4", "sampler.trained_steps=2"]
+                 "sampler.num_steps=4", "sampler.fast_window.size=2"]
     args = [sys.executable, "-m", "learner.main", "--cfg", "cluster/micro.yaml"]
     for o in overrides:
         args += ["--set", o]
     r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = [json.loads(ln) for ln in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
-    assert [h["iteration"] for h in rows] == [1, 2] and rows[-1]["policy_version"] == 4  # 2 updates per iteration
+    assert [h["iteration"] for h in rows] == [1, 2] and rows[-1]["policy_version"] == 2  # 1 update per iteration
     assert set(rows[0]["rewards"]) == {"shapes"} and 0.0 <= rows[0]["rewards"]["shapes"] <= 1.0
     assert rows[-1]["samples"] == 16 and rows[-1]["eval"]["grid"].endswith("iter-000002.png")
