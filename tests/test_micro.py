@@ -21,7 +21,7 @@ def test_micro_config_fits_the_base_model_and_two_cores():
     assert [s.name for s in cfg.rewards.scorers] == ["shapes"] and cfg.data.source == "shapes_train"
     assert cfg.learner.log_prob_reduction == "sum" and cfg.learner.clip_range == 0.2
     assert cfg.sampler.fast_window.size == 3 and cfg.trained_steps == 3 and cfg.sampler.same_initial_noise
-    assert cfg.data.images_per_iteration // cfg.data.group_size == 16 and cfg.learner.updates_per_iteration == 1
+    assert cfg.data.images_per_iteration // cfg.data.group_size == 8 and cfg.learner.updates_per_iteration == 1
 
 
 @pytest.mark.slow
