@@ -146,9 +146,8 @@ def plot_curves(curves: dict, path: Path) -> None:
         for k in range(5):
             v = lo + (hi - lo) * k / 4
             draw.text((x0 + 4, at(0, v)[1] - 6), f"{v:.2f}", fill="black")
-        for k in range(5):
-            i = iterations * k / 4
-            draw.text((at(i, lo)[0] - 8, height - pad + 24), f"{i:.0f}", fill="black")
+        for i in sorted({i for rule in curves.values() for i, _ in rule[split]}):  # the evaluated iterations
+            draw.text((at(i, lo)[0] - 8, height - pad + 24), str(i), fill="black")
         for name, rule in curves.items():
             points = [at(i, v) for i, (v, _) in rule[split]]
             draw.line(points, fill=COLOURS[name], width=2)
