@@ -236,7 +236,8 @@ def step_loss(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, policy loss, KL) of step slot k: policy_loss(ℓθ, ℓold, A) + β·mean KL(μθ ‖ μref); KL is 0 when β = 0.
 
-    `log_prob_scale` multiplies both log-probs (the number of latent elements turns the per-element mean into a sum).
+    `log_prob_scale` multiplies both log-probs and the per-sample KL alike (the number of latent elements turns the
+    per-element means into sums): the KL term is always that of the distribution whose log-prob ratio is trained.
     """
     policy, _ = policy_loss(scored.log_prob * log_prob_scale, mb.old_log_probs[:, k] * log_prob_scale,
                             mb.advantages, clip_range=clip_range)
@@ -244,6 +245,7 @@ def step_loss(
         if reference_mean is None:
             raise ValueError("beta > 0 needs the reference mean of the step")
         kl_value = kl(scored.mean, reference_mean, scored.noise_scale, form=mb.settings.log_prob_form).mean()
+        kl_value = kl_value * log_prob_scale
     else:
         kl_value = torch.zeros((), dtype=policy.dtype, device=policy.device)
     return policy + beta * kl_value, policy, kl_value
