@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from cluster.config import load_config  # noqa: E402
 from learner.checkpoint import load_tree  # noqa: E402
-from learner.train_step import batch_advantages, micro_batch, score_recorded_step, step_loss  # noqa: E402
+from learner.train_step import (batch_advantages, log_prob_scale, micro_batch, score_recorded_step,  # noqa: E402
+                                step_loss)
 from rewards.shapes import ShapesScorer  # noqa: E402
 from rollout import shapes_data  # noqa: E402
 from rollout.generate import RolloutSampler  # noqa: E402
@@ -58,7 +59,7 @@ def group_gradients(cfg, model, params: list[torch.Tensor], groups: int) -> tupl
             p.grad = None
         for k in range(mb.num_steps):
             scored = score_recorded_step(model, mb, k, None)
-            scale = float(scored.prev_sample[0].numel()) if lc.log_prob_reduction == "sum" else 1.0
+            scale = log_prob_scale(lc.log_prob_reduction, scored)
             step_loss(scored, mb, k, clip_range=lc.clip_range, beta=0.0, log_prob_scale=scale)[0].backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in params]).double())
         print(f"\r  group {j + 1}/{groups}", end="", flush=True)

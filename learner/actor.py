@@ -40,6 +40,7 @@ from learner.train_step import (
     UpdateStats,
     adapter_disabled,
     batch_advantages,
+    log_prob_scale,
     micro_batch,
     sample_order,
     score_recorded_step,
@@ -240,8 +241,7 @@ class LearnerActor(DistributedActor):
         lc = self.cfg.learner
         reference_mean = self._reference_mean(mb, k) if lc.beta > 0 else None
         scored = score_recorded_step(self.model, mb, k, self.negative)
-        # "sum": the log-prob summed over the latent elements instead of averaged (MATH.md), i.e. scaled by D
-        scale = float(scored.prev_sample[0].numel()) if lc.log_prob_reduction == "sum" else 1.0
+        scale = log_prob_scale(lc.log_prob_reduction, scored)  # "sum": summed over the latent, not averaged (MATH.md)
         loss, policy, kl_value = step_loss(scored, mb, k, clip_range=lc.clip_range, beta=lc.beta,
                                            reference_mean=reference_mean, log_prob_scale=scale)
         self.engine.backward(loss)

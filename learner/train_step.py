@@ -224,6 +224,11 @@ def adapter_disabled(transformer: torch.nn.Module) -> Iterator[None]:
         transformer.enable_adapters()
 
 
+def log_prob_scale(reduction: str, scored: StepOutput) -> float:
+    """The factor on the per-element mean log-prob: D (the latent elements of one sample) for "sum", 1 for "mean"."""
+    return float(scored.prev_sample[0].numel()) if reduction == "sum" else 1.0
+
+
 def step_loss(
     scored: StepOutput,
     mb: MicroBatch,
