@@ -3,7 +3,7 @@ the papers' reference setting as a check), evaluated on the training and the hel
 
     .venv/bin/python bench/micro.py [--iterations 50] [--eval-every 25] [--eval-samples 512] [--out runs/micro-bench]
 
-Builds the base model once (rollout/pretrain_shapes.py, cached in .cache/shapes-base), runs
+Builds the base model once (bench/shapes_base.py, cached in .cache/shapes-base), runs
 `python -m learner.main --cfg cluster/micro.yaml` once per rule with the same seeds and budget, evaluates the base model
 and every checkpoint with the same ODE seeds (exact accuracy of the `shapes` reward, mean ± standard error), and writes
 to --out: results.md (the tables), results.json, curves.png (accuracy against iteration), samples.png (base vs tuned,
@@ -28,16 +28,16 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.shapes_base import shapes_base  # noqa: E402
 from cluster.config import load_config  # noqa: E402
 from learner.checkpoint import load_tree  # noqa: E402
 from rewards.shapes import ShapesScorer  # noqa: E402
-from rollout import shapes_data  # noqa: E402
-from rollout.generate import RolloutSampler  # noqa: E402
-from rollout.models import load_flow_model  # noqa: E402
-from rollout.pretrain_shapes import build_shapes_base  # noqa: E402
-from rollout.prompts import PromptGroup  # noqa: E402
-from rollout.steps import DEFAULT_LOG_PROB_FORM  # noqa: E402
-from rollout.trajectory import SamplerSettings  # noqa: E402
+from rollout.models.loading import load_flow_model  # noqa: E402
+from rollout.prompts.groups import PromptGroup  # noqa: E402
+from rollout.sampling.loop import RolloutSampler  # noqa: E402
+from rollout.sampling.steps import DEFAULT_LOG_PROB_FORM  # noqa: E402
+from rollout.sampling.trajectory import SamplerSettings  # noqa: E402
+from rollout.shapes import data as shapes_data  # noqa: E402
 from rollout.weights import add_lora, apply_policy_state, policy_state  # noqa: E402
 
 CONFIG = ROOT / "cluster" / "micro.yaml"
@@ -191,7 +191,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(CONFIG)
     started = time.perf_counter()
-    base = build_shapes_base(ROOT / cfg.model.path)
+    base = shapes_base(ROOT / cfg.model.path)
     print(f"base model: {cfg.model.path} (train {base['train_exact']}, held-out {base['heldout_exact']} exact at its "
           f"build, guidance {base['guidance_scale']}; this run's guidance {cfg.sampler.guidance_scale})", flush=True)
 

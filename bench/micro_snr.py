@@ -24,15 +24,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cluster.config import load_config  # noqa: E402
+from learner.batch import batch_advantages, micro_batch, score_recorded_step  # noqa: E402
 from learner.checkpoint import load_tree  # noqa: E402
-from learner.train_step import (batch_advantages, log_prob_scale, micro_batch, score_recorded_step,  # noqa: E402
-                                step_loss)
+from learner.loss import log_prob_scale, step_loss  # noqa: E402
 from rewards.shapes import ShapesScorer  # noqa: E402
-from rollout import shapes_data  # noqa: E402
-from rollout.generate import RolloutSampler  # noqa: E402
-from rollout.models import load_flow_model  # noqa: E402
-from rollout.prompts import PromptGroup  # noqa: E402
-from rollout.trajectory import SamplerSettings  # noqa: E402
+from rollout.models.loading import load_flow_model  # noqa: E402
+from rollout.prompts.groups import PromptGroup  # noqa: E402
+from rollout.sampling.loop import RolloutSampler  # noqa: E402
+from rollout.sampling.trajectory import SamplerSettings  # noqa: E402
+from rollout.shapes import data as shapes_data  # noqa: E402
 from rollout.weights import add_lora, apply_policy_state, policy_state  # noqa: E402
 
 CONFIG = ROOT / "cluster" / "micro.yaml"
@@ -52,6 +52,7 @@ def group_gradients(cfg, model, params: list[torch.Tensor], groups: int) -> tupl
         rewards.append(torch.as_tensor(scored.scores, dtype=torch.float64))
     lc = cfg.learner
     adv, stats = batch_advantages(trajectories, rewards, std=lc.advantage_std, clip=lc.advantage_clip)
+    scale = log_prob_scale(lc.log_prob_reduction, trajectories[0].states[0, 0].numel())  # as the learner does
     grads = []
     for j, traj in enumerate(trajectories):
         mb = micro_batch([traj], [(0, i) for i in range(size)], adv[j * size:(j + 1) * size])
@@ -59,8 +60,7 @@ def group_gradients(cfg, model, params: list[torch.Tensor], groups: int) -> tupl
             p.grad = None
         for k in range(mb.num_steps):
             scored = score_recorded_step(model, mb, k, None)
-            scale = log_prob_scale(lc.log_prob_reduction, scored)
-            step_loss(scored, mb, k, clip_range=lc.clip_range, beta=0.0, log_prob_scale=scale)[0].backward()
+            step_loss(scored, mb, k, clip_range=lc.clip_range, beta=0.0, log_prob_scale=scale).loss.backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in params]).double())
         print(f"\r  group {j + 1}/{groups}", end="", flush=True)
     print()

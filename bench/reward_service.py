@@ -68,7 +68,7 @@ def clip_parts(arch: str, device: str, dtype: str) -> tuple[torch.nn.Module, obj
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from rollout.tiny import clip_tokenizer
+    from rollout.models.tiny import clip_tokenizer
 
     (tw, tl, th, tm), (vw, vl, vh, vm, patch, image), projection, act = ARCHITECTURES[arch]
     tokenizer = clip_tokenizer()

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cluster.config import JobConfig, RayConfig, load_config  # noqa: E402
-from rollout.prompts import GroupSampler, builtin_prompts  # noqa: E402
+from rollout.prompts.files import builtin_prompts  # noqa: E402
+from rollout.prompts.groups import GroupSampler  # noqa: E402
 
 GUIDANCE = {"flux": 3.5, "sd3": 4.5}
 
@@ -85,9 +86,9 @@ def bench_pipeline(cfg: JobConfig, prompts: list[str]) -> float:
 
 def bench_in_process(cfg: JobConfig, groups: list) -> float:
     """RolloutSampler in this process: a whole group per call, log-probs recorded."""
-    from rollout.generate import RolloutSampler
-    from rollout.models import load_flow_model
-    from rollout.trajectory import SamplerSettings
+    from rollout.models.loading import load_flow_model
+    from rollout.sampling.loop import RolloutSampler
+    from rollout.sampling.trajectory import SamplerSettings
 
     m = cfg.model
     model = load_flow_model(m.path, m.family, dtype=getattr(torch, m.dtype), max_sequence_length=m.max_sequence_length)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = args.path
         if path is None:
-            from rollout.tiny import build_tiny
+            from rollout.models.tiny import build_tiny
 
             path = str(build_tiny(args.family, Path(tmp) / args.family))
         cfg = job_config(args, path)

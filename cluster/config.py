@@ -14,8 +14,14 @@ from typing import Any, Iterable, Literal, Optional, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SAMPLER_KINDS = ("ode", "sde", "dance", "cps", "sde_exact")
-TRAINABLE_KINDS = ("sde", "dance", "cps", "sde_exact")
+# The one list of each vocabulary: the config's choices below and the code that dispatches on them derive from these.
+MODEL_FAMILIES = ("flux", "sd3")
+STEP_KINDS = ("ode", "sde", "dance", "cps", "sde_exact")  # MATH.md "Step rules"; only "ode" has no log-prob
+TRAINABLE_KINDS = tuple(kind for kind in STEP_KINDS if kind != "ode")
+LOG_PROB_FORMS = ("gaussian", "squared")
+FILE_SOURCES = ("text", "geneval_jsonl")  # prompt sources read from `path`
+EVAL_SOURCES = ("builtin", *FILE_SOURCES, "shapes_train", "shapes_heldout", "shapes_all")
+DATA_SOURCES = (*EVAL_SOURCES, "geneval_generate")  # training prompts may also be generated
 
 
 class ConfigError(Exception):
@@ -35,7 +41,7 @@ class Section(BaseModel):
 class ModelConfig(Section):
     """Which model to load and how."""
 
-    family: Literal["flux", "sd3"]
+    family: Literal[MODEL_FAMILIES]
     path: str = Field(description="a local diffusers folder or a hub id")
     build_tiny: bool = Field(False, description="build the offline tiny model of this family at `path` if it is missing")
     tiny_seed: int = 0
@@ -54,9 +60,9 @@ class FastWindow(Section):
 class SamplerConfig(Section):
     """The training rollouts' step rule (MATH.md "Step rules")."""
 
-    kind: Literal["ode", "sde", "dance", "cps", "sde_exact"] = "cps"
+    kind: Literal[STEP_KINDS] = "cps"
     noise_level: float = Field(0.7, ge=0.0, description="a for sde/sde_exact, eta for dance and cps")
-    log_prob_form: Optional[Literal["gaussian", "squared"]] = Field(
+    log_prob_form: Optional[Literal[LOG_PROB_FORMS]] = Field(
         None, description="None: gaussian for sde/dance/sde_exact, squared for cps")
     num_steps: int = Field(10, ge=2, description="denoising steps of a training rollout")
     trained_steps: Optional[int] = Field(None, ge=1, description="steps trained per trajectory; None: num_steps - 1")
@@ -73,9 +79,14 @@ class PoolConfig(Section):
     num_cpus_per_actor: float = Field(1.0, gt=0.0)
 
 
-class RolloutConfig(PoolConfig):
-    samples_per_forward: int = Field(8, ge=1, description="trajectories batched into one transformer forward")
+class RestartablePoolConfig(PoolConfig):
+    """A pool whose actors Ray restarts when they die (rollout workers, scorers; a learner rank never restarts)."""
+
     max_restarts: int = Field(3, ge=0)
+
+
+class RolloutConfig(RestartablePoolConfig):
+    samples_per_forward: int = Field(8, ge=1, description="trajectories batched into one transformer forward")
 
 
 class RewardSpec(Section):
@@ -84,7 +95,7 @@ class RewardSpec(Section):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
-class RewardsConfig(PoolConfig):
+class RewardsConfig(RestartablePoolConfig):
     scorers: list[RewardSpec] = Field(min_length=1)
     timeout_s: float = Field(120.0, gt=0.0)
     max_retries: int = Field(2, ge=0)
@@ -109,7 +120,6 @@ class LearnerConfig(PoolConfig):
     precision: Literal["fp32", "bf16"] = "bf16"
     finetune: Literal["lora", "full"] = "lora"
     lora: Optional[LoraConfig] = None
-    reference_copy: bool = Field(False, description="keep a frozen copy as the KL reference (full fine-tuning)")
     lr: float = Field(3e-4, gt=0.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -135,8 +145,7 @@ class LearnerConfig(PoolConfig):
 class DataConfig(Section):
     """Training prompts and batch shape."""
 
-    source: Literal["builtin", "text", "geneval_jsonl", "geneval_generate", "shapes_train", "shapes_heldout",
-                    "shapes_all"] = "builtin"
+    source: Literal[DATA_SOURCES] = "builtin"
     path: Optional[str] = Field(None, description="prompt file for source text / geneval_jsonl")
     num_prompts: int = Field(10000, ge=1, description="prompts to generate for source geneval_generate")
     exclude_path: Optional[str] = Field(None, description="GenEval test file that training prompts must not overlap")
@@ -148,7 +157,7 @@ class DataConfig(Section):
 class EvalConfig(Section):
     every_n_iterations: int = Field(0, ge=0, description="0: no evaluation")
     num_steps: int = Field(28, ge=2, description="ODE steps of an evaluation image")
-    source: Literal["builtin", "text", "geneval_jsonl", "shapes_train", "shapes_heldout", "shapes_all"] = "builtin"
+    source: Literal[EVAL_SOURCES] = "builtin"
     path: Optional[str] = None
     num_prompts: Optional[int] = Field(None, ge=1, description="None: every prompt of the source")
     seed: int = 0
@@ -249,16 +258,13 @@ def _cross_field_problems(cfg: JobConfig) -> list[str]:
                  f"({d.images_per_iteration}) must split evenly into updates_per_iteration ({lr.updates_per_iteration})"
                  f" x learner.num_actors ({lr.num_actors}) x micro_batch_size; "
                  f"{d.images_per_iteration} is not a multiple of {per_update}")
-    if d.source in ("text", "geneval_jsonl") and not d.path:
+    if d.source in FILE_SOURCES and not d.path:
         p.append(f"data.path = None: source '{d.source}' reads prompts from a file; give its path")
-    if cfg.eval.source in ("text", "geneval_jsonl") and not cfg.eval.path:
+    if cfg.eval.source in FILE_SOURCES and not cfg.eval.path:
         p.append(f"eval.path = None: source '{cfg.eval.source}' reads prompts from a file; give its path")
 
     if lr.finetune == "lora" and lr.lora is None:
         p.append("learner.lora = None: finetune 'lora' needs a lora section (rank, alpha, target_modules)")
-    if lr.finetune == "full" and lr.beta > 0 and not lr.reference_copy:
-        p.append(f"learner.beta = {lr.beta}: full fine-tuning has no adapter to disable for the KL reference; "
-                 f"set learner.reference_copy=true (a frozen copy) or beta=0")
 
     if cfg.model.resolution % 16:
         p.append(f"model.resolution = {cfg.model.resolution}: must be a multiple of 16 (8x VAE, 2x2 patches)")

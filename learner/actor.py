@@ -4,7 +4,7 @@ Each rank loads the transformer only (prompt embeddings travel with the trajecto
 trains all weights), and wraps it in a DeepSpeed engine with torch's AdamW, gradient-norm clipping and fp32/bf16.
 The driver builds the group and calls, on all ranks at once:
 
-    group = ActorGroup(LearnerActor, cfg.learner.num_actors, num_cpus_per_actor=..., num_gpus_per_actor=...)
+    group = ActorGroup(LearnerActor, cfg.learner)
     ray.get(group.run("setup", cfg, negative=negative_embeds, store=weight_store(cfg.run_name)))
     metrics = ray.get(group.run("train_iteration", groups_ref, rewards_ref))[0]
 
@@ -32,24 +32,23 @@ import torch
 
 from cluster.config import JobConfig
 from cluster.metrics import Recorder
-from learner.checkpoint import fill_live
-from learner.ema import Ema
-from learner.group import DistributedActor
-from learner.train_step import (
+from learner.batch import (
     MicroBatch,
-    UpdateStats,
-    adapter_disabled,
     batch_advantages,
-    log_prob_scale,
     micro_batch,
     sample_order,
     score_recorded_step,
     sort_batch,
-    step_loss,
     update_plan,
 )
-from rollout.models import FlowModel, PromptEmbeds, load_flow_model
-from rollout.trajectory import Trajectories
+from learner.checkpoint import fill_live
+from learner.ema import Ema
+from learner.group import DistributedActor
+from learner.grpo import nonzero_advantage_indices
+from learner.loss import UpdateStats, adapter_disabled, log_prob_scale, step_loss
+from rollout.models.contract import FlowModel, PromptEmbeds
+from rollout.models.loading import load_configured
+from rollout.sampling.trajectory import Trajectories
 from rollout.weights import add_lora, apply_policy_state, policy_state, publish_weights
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -165,9 +164,7 @@ class LearnerActor(DistributedActor):
         }
 
     def _load_model(self, dtype: torch.dtype) -> FlowModel:
-        m = self.cfg.model
-        return load_flow_model(m.path, m.family, dtype=dtype, device=str(self.device), allow_download=m.allow_download,
-                               parts=("transformer",), max_sequence_length=m.max_sequence_length)
+        return load_configured(self.cfg.model, dtype=dtype, device=str(self.device), parts=("transformer",))
 
     @property
     def module(self) -> torch.nn.Module:
@@ -200,10 +197,12 @@ class LearnerActor(DistributedActor):
         adv, adv_stats = batch_advantages(groups, rewards, std=lc.advantage_std, clip=lc.advantage_clip)
         samples = sample_order(groups)
         num_micro = micro_batches_per_update(cfg)
+        # "sum" sums log-probs and KL over the D elements of a recorded latent (MATH.md): here it becomes that factor
+        scale = log_prob_scale(lc.log_prob_reduction, groups[0].states[0, 0].numel())
         keep = None
         if lc.drop_zero_advantage:
-            nonzero = adv != 0
-            if int(nonzero.sum()) >= lc.updates_per_iteration * self.world_size * num_micro:
+            nonzero = nonzero_advantage_indices(adv)
+            if len(nonzero) >= lc.updates_per_iteration * self.world_size * num_micro:
                 keep = nonzero  # else too few samples carry signal to fill the fixed micro-batches: keep them all
         plan = update_plan(len(samples), num_updates=lc.updates_per_iteration, num_ranks=self.world_size,
                            micro_batches=num_micro, keep=keep)
@@ -215,7 +214,7 @@ class LearnerActor(DistributedActor):
             for positions in update[self.rank]:
                 mb = micro_batch(groups, [samples[i] for i in positions], adv[positions], self.device)
                 for k in range(mb.num_steps):
-                    self._train_step(mb, k, stats)
+                    self._train_step(mb, k, stats, scale)
             trained = adv[[i for share in update for positions in share for i in positions]]
             updates.append({**self._finish_update(stats), "samples": float(trained.numel()),
                             "advantage_mean": float(trained.mean()),
@@ -229,24 +228,23 @@ class LearnerActor(DistributedActor):
             "policy_version": self.policy_version,
             "published": published,
             "samples": len(samples),
-            "samples_trained": len(samples) if keep is None else int(keep.sum()),
+            "samples_trained": len(samples) if keep is None else len(keep),
             **adv_stats,
             "updates": updates,
             "train_s": time.perf_counter() - started,
             "publish_s": time.perf_counter() - publish_started,
         }
 
-    def _train_step(self, mb: MicroBatch, k: int, stats: UpdateStats) -> None:
-        """Loss of one (micro-batch, trained step), backward and DeepSpeed's micro-step."""
+    def _train_step(self, mb: MicroBatch, k: int, stats: UpdateStats, scale: float) -> None:
+        """Loss of one (micro-batch, trained step), backward and DeepSpeed's micro-step; `scale`: the log-prob scale."""
         lc = self.cfg.learner
         reference_mean = self._reference_mean(mb, k) if lc.beta > 0 else None
         scored = score_recorded_step(self.model, mb, k, self.negative)
-        scale = log_prob_scale(lc.log_prob_reduction, scored)  # "sum": summed over the latent, not averaged (MATH.md)
-        loss, policy, kl_value = step_loss(scored, mb, k, clip_range=lc.clip_range, beta=lc.beta,
-                                           reference_mean=reference_mean, log_prob_scale=scale)
-        self.engine.backward(loss)
+        call = step_loss(scored, mb, k, clip_range=lc.clip_range, beta=lc.beta, reference_mean=reference_mean,
+                         log_prob_scale=scale)
+        self.engine.backward(call.loss)
         self.engine.step()  # applies the update only at the accumulation boundary (after M·K calls)
-        stats.add(loss, policy, kl_value, scored.log_prob * scale, mb.old_log_probs[:, k] * scale, lc.clip_range)
+        stats.add(call)
 
     @torch.no_grad()
     def _reference_mean(self, mb: MicroBatch, k: int) -> torch.Tensor:

@@ -25,11 +25,11 @@ from learner.actor import LearnerActor
 from learner.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from learner.group import ActorGroup
 from rewards.service import GroupRewards, RewardError, RewardService
-from rollout.models import locate_model
+from rollout.models.loading import locate_configured
 from rollout.pool import RolloutPool
-from rollout.prompts import GroupSampler
-from rollout.sources import eval_prompts, training_prompts
-from rollout.trajectory import Trajectories
+from rollout.prompts.groups import GroupSampler
+from rollout.prompts.sources import eval_prompts, training_prompts
+from rollout.sampling.trajectory import Trajectories
 from rollout.weights import pack_state, weight_store, weight_store_name
 
 
@@ -73,11 +73,7 @@ class Job:
         lc = cfg.learner
         with tqdm(total=4, desc="starting", unit="step", leave=False, disable=None) as bar:
             bar.set_postfix_str("model")
-            if cfg.model.build_tiny:
-                from rollout.tiny import ensure_tiny
-
-                ensure_tiny(cfg.model.family, Path(cfg.model.path), seed=cfg.model.tiny_seed)
-            locate_model(cfg.model.path, cfg.model.family, allow_download=cfg.model.allow_download)
+            locate_configured(cfg.model)
             bar.update(1)
             bar.set_postfix_str("rollout actors")
             store_key = f"{cfg.run_name}-{uuid.uuid4().hex[:8]}"  # two jobs on one cluster never share a store
@@ -89,8 +85,7 @@ class Job:
             self.rewards = RewardService(cfg.rewards, metrics=cfg.metrics.enabled)
             bar.update(1)
             bar.set_postfix_str("learner")
-            self.learner = ActorGroup(LearnerActor, lc.num_actors, num_cpus_per_actor=lc.num_cpus_per_actor,
-                                      num_gpus_per_actor=lc.num_gpus_per_actor)
+            self.learner = ActorGroup(LearnerActor, lc)
             info = ray.get(self.learner.run("setup", cfg, negative, self.store))[0]
             bar.update(1)
         say(f"actors up in {time.perf_counter() - started:.1f} s: {self.pool.num_workers} rollout, "

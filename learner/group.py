@@ -18,6 +18,9 @@ from typing import Any
 
 import ray
 
+from cluster.config import PoolConfig
+from cluster.pools import ActorPool
+
 
 class DistributedActor:
     """Base of the actors in an `ActorGroup`: holds its rank and sets the rank environment for torch.distributed."""
@@ -72,22 +75,14 @@ def _interface_of(address: str) -> str | None:
 
 
 class ActorGroup:
-    """N Ray actors of one `DistributedActor` subclass; `run` calls a method on all of them and returns the refs."""
+    """`cfg.num_actors` Ray actors of one `DistributedActor` subclass, built by the pool helper with `cfg`'s resources;
+    `run` calls a method on all of them and returns the refs."""
 
-    def __init__(
-        self,
-        actor_cls: type[DistributedActor],
-        num_actors: int,
-        *,
-        num_cpus_per_actor: float,
-        num_gpus_per_actor: float = 0.0,
-    ) -> None:
-        if num_actors < 1:
-            raise ValueError(f"an actor group needs at least one actor, got {num_actors}")
-        remote_cls = ray.remote(actor_cls).options(num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor)
-        rank0 = remote_cls.remote(num_actors, 0)
+    def __init__(self, actor_cls: type[DistributedActor], cfg: PoolConfig) -> None:
+        pool = ActorPool("learner", actor_cls, cfg)
+        rank0 = pool.spawn(cfg.num_actors, 0)
         addr, port = ray.get(rank0.master_address.remote())
-        self.actors = [rank0] + [remote_cls.remote(num_actors, rank, addr, port) for rank in range(1, num_actors)]
+        self.actors = [rank0] + [pool.spawn(cfg.num_actors, rank, addr, port) for rank in range(1, cfg.num_actors)]
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -98,10 +93,6 @@ class ActorGroup:
         Put large arguments in the object store first (`ray.put`) so that every rank reads the same copy.
         """
         return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
-
-    def get(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """`run` and wait: the results of every rank, in rank order."""
-        return ray.get(self.run(method, *args, **kwargs))
 
     def kill(self) -> None:
         """End every actor of the group."""

@@ -1,8 +1,9 @@
-"""GRPO maths: group-relative advantages, the clipped policy loss and its statistics (MATH.md, "GRPO")."""
+"""GRPO maths: group-relative advantages, the clipped policy loss and its ratio statistics (MATH.md, "GRPO")."""
 
 from __future__ import annotations
 
-from typing import Hashable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Hashable, Sequence
 
 import torch
 
@@ -59,20 +60,41 @@ def advantages(
 
 
 def nonzero_advantage_indices(advantages: torch.Tensor) -> torch.Tensor:
-    """Indices of the samples whose advantage is not exactly 0 (the others carry no policy-gradient signal).
-
-    Dropping them is optional; a learner that does must keep its micro-batch count fixed (DeepSpeed's gradient
-    accumulation count is fixed at init), e.g. by splitting the kept samples over the same number of micro-batches.
-    """
+    """Positions of the samples whose advantage is not exactly 0 (the others carry no policy-gradient signal); the
+    learner trains only these when `learner.drop_zero_advantage` is on."""
     return torch.nonzero(advantages != 0, as_tuple=False).reshape(-1)
+
+
+@dataclass(frozen=True)
+class RatioStats:
+    """Statistics of the ratio ρ = exp(ℓ − ℓ_old) over the samples of one or more loss calls, as float64 sums (so
+    calls and ranks add up exactly) and the largest |ρ − 1|; `means()` turns them into the reported figures."""
+
+    SUMS: ClassVar[tuple[str, ...]] = ("samples", "ratio_m1", "ratio_m1_sq", "clipped", "log_ratio_sq")
+    sums: torch.Tensor  # float64 (5,), in SUMS order: n, Σ(ρ − 1), Σ(ρ − 1)², #{|ρ − 1| > ε}, Σ(ℓ − ℓ_old)²
+    max_dev: torch.Tensor  # float64 (): max |ρ − 1|
+
+    def means(self) -> dict[str, float]:
+        """clip_frac, ratio_mean, ratio_std (ddof 0), approx_kl = ½·mean((ℓ − ℓ_old)²), ratio_max_dev."""
+        s = dict(zip(self.SUMS, self.sums.tolist()))
+        n = max(s["samples"], 1.0)
+        mean_m1 = s["ratio_m1"] / n
+        return {
+            "clip_frac": s["clipped"] / n,
+            "ratio_mean": 1.0 + mean_m1,
+            "ratio_std": max(s["ratio_m1_sq"] / n - mean_m1**2, 0.0) ** 0.5,
+            "approx_kl": 0.5 * s["log_ratio_sq"] / n,
+            "ratio_max_dev": float(self.max_dev),
+        }
 
 
 def policy_loss(
     log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, *, clip_range: float
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO-clipped GRPO loss mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))), ρ = exp(ℓ − ℓ_old), and its statistics as floats.
+) -> tuple[torch.Tensor, RatioStats]:
+    """PPO-clipped GRPO loss mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))), ρ = exp(ℓ − ℓ_old), and its ratio statistics.
 
-    Statistics: clip_frac (fraction with |ρ − 1| > ε), ratio_mean, ratio_std (ddof 0), approx_kl = ½·mean((ℓ − ℓ_old)²).
+    The statistics are computed once here, in float64 from ℓ − ℓ_old (ρ − 1 = expm1, well conditioned for the tiny
+    ratios that clip ranges near 1e-4 allow), and passed on as sums.
     """
     if clip_range <= 0:
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
@@ -88,10 +110,9 @@ def policy_loss(
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     loss = torch.maximum(unclipped, clipped).mean()
     with torch.no_grad():
-        stats = {
-            "clip_frac": float(((ratio - 1.0).abs() > clip_range).float().mean()),
-            "ratio_mean": float(ratio.mean()),
-            "ratio_std": float(ratio.std(correction=0)),
-            "approx_kl": float(0.5 * (diff**2).mean()),
-        }
-    return loss, stats
+        d = diff.detach().double().cpu()
+        dev = torch.expm1(d)
+        sums = torch.stack([torch.tensor(float(d.numel()), dtype=torch.float64), dev.sum(), (dev**2).sum(),
+                            (dev.abs() > clip_range).double().sum(), (d**2).sum()])
+        max_dev = dev.abs().max() if d.numel() else torch.zeros((), dtype=torch.float64)
+    return loss, RatioStats(sums, max_dev)

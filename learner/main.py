@@ -96,7 +96,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the job's inputs (config, files, cluster size): exit code 2, like a bad config."""
     from cluster.runtime import ClusterTooSmall
     from learner.preflight import InputError
-    from rollout.models import ModelLoadError
+    from rollout.models.loading import ModelLoadError
 
     # CheckpointError and PromptFileError are ValueErrors too
     return (ValueError, FileNotFoundError, ClusterTooSmall, ModelLoadError, InputError)

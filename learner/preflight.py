@@ -74,7 +74,7 @@ def check_rewards(cfg: JobConfig, resume: str) -> None:
 def check_prompts(cfg: JobConfig, resume: str) -> None:
     """The training prompts, and the evaluation prompts when evaluation is on, can be read (file, format, overlap
     with data.exclude_path). Generating 50 000 GenEval prompts takes ~1.5 s on one core: cheap enough to do twice."""
-    from rollout.sources import eval_prompts, training_prompts
+    from rollout.prompts.sources import eval_prompts, training_prompts
 
     training_prompts(cfg.data, seed=cfg.seed)
     if cfg.eval.every_n_iterations:
@@ -86,7 +86,7 @@ def check_ocr_targets(cfg: JobConfig, resume: str) -> None:
     if "ocr" not in {s.name for s in cfg.rewards.scorers}:
         return
     from rewards.ocr import quoted_target
-    from rollout.sources import eval_prompts, training_prompts
+    from rollout.prompts.sources import eval_prompts, training_prompts
 
     scored = [("data", training_prompts(cfg.data, seed=cfg.seed))]
     if cfg.eval.every_n_iterations:
@@ -136,19 +136,9 @@ def check_model(cfg: JobConfig, resume: str) -> None:
     """The model folder holds every part (a hub id resolves through the local cache, or downloads when allowed);
     with `model.build_tiny` the tiny model is built there first if the folder is missing or empty, as the job would
     do next."""
-    from rollout.models import ModelLoadError, locate_model
+    from rollout.models.loading import locate_configured
 
-    m = cfg.model
-    folder = Path(m.path)
-    if m.build_tiny and not (folder.is_dir() and any(folder.iterdir())):
-        from rollout.tiny import ensure_tiny  # imported only to build: it imports every pipeline class (and warns)
-
-        try:
-            ensure_tiny(m.family, Path(m.path), seed=m.tiny_seed)
-        except OSError as e:
-            raise ModelLoadError(f"model.path {m.path!r}: cannot build the tiny model there ({e}); give a folder "
-                                 f"that can be created") from None
-    locate_model(m.path, m.family, allow_download=m.allow_download)
+    locate_configured(cfg.model)
 
 
 def check_lora_targets(cfg: JobConfig, resume: str) -> None:
@@ -162,10 +152,9 @@ def check_lora_targets(cfg: JobConfig, resume: str) -> None:
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    from rollout.models import ModelLoadError, locate_model
+    from rollout.models.loading import ModelLoadError, locate_configured
 
-    m = cfg.model
-    folder, classes = locate_model(m.path, m.family, allow_download=m.allow_download, parts=("transformer",))
+    folder, classes = locate_configured(cfg.model, parts=("transformer",))
     cls = classes["transformer"]
     try:
         with torch.device("meta"):

@@ -4,7 +4,7 @@ For each scorer of `rewards.scorers`, `rewards.num_actors` ScorerActor processes
 `num_gpus_per_actor` each) build the scorer once. A group's images go into the object store once; each scorer's
 pool gets the group as contiguous batches, one per actor, sent to the least busy actors. Each call gets `timeout_s`
 of its own: it must answer within timeout_s × (1 + calls queued ahead of it on its actor) of being sent, or its actor
-is killed (Ray restarts it, up to `max_restarts`); a batch whose actor died or hung is retried on another actor, at
+is killed (Ray restarts it, up to `rewards.max_restarts`); a batch whose actor died or hung is retried on another actor, at
 most `max_retries` times. A NaN/inf score, a scorer exception or exhausted retries fail the whole group with a RewardError
 that names it: a group is never scored 0. The driver either calls `score` (blocking) or `submit`s groups as they
 arrive and `wait`s / `collect`s them.
@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cluster.config import RewardsConfig
+from cluster.pools import ActorPool
 from rewards.base import RewardInputError, as_uint8_images
 
 
@@ -136,23 +137,19 @@ class _Call:
 class RewardService:
     """Scores groups of images with every configured scorer on its own pool of Ray actors."""
 
-    def __init__(self, cfg: RewardsConfig, *, max_restarts: int = 3, startup_timeout_s: float = 600.0,
-                 metrics: bool = True):
+    def __init__(self, cfg: RewardsConfig, *, startup_timeout_s: float = 600.0, metrics: bool = True):
         """`metrics`: the scorer actors record cluster/metrics.py's reward metrics."""
-        import ray
-
         from rewards.registry import REGISTRY, registered
 
         unknown = [s.name for s in cfg.scorers if s.name not in REGISTRY]
         if unknown:
             raise ValueError(f"unknown reward {unknown[0]!r}; registered: {', '.join(registered())}")
         self.cfg = cfg
-        self.max_restarts = max_restarts
+        self.max_restarts = cfg.max_restarts
         self.weights = {s.name: float(s.weight) for s in cfg.scorers}
         self.counters = ServiceCounters()
-        remote = ray.remote(ScorerActor).options(
-            num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor, max_restarts=max_restarts)
-        self._actors = {s.name: [remote.remote(s.name, REGISTRY[s.name], s.options, metrics)
+        pools = {s.name: ActorPool(f"rewards/{s.name}", ScorerActor, cfg) for s in cfg.scorers}
+        self._actors = {s.name: [pools[s.name].spawn(s.name, REGISTRY[s.name], s.options, metrics)
                                  for _ in range(cfg.num_actors)]
                         for s in cfg.scorers}
         self._load = {name: [0] * cfg.num_actors for name in self._actors}

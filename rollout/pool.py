@@ -18,9 +18,10 @@ from ray.exceptions import RayActorError
 from tqdm import tqdm
 
 from cluster.config import JobConfig
-from rollout.models import PromptEmbeds
-from rollout.prompts import PromptGroup
-from rollout.trajectory import Trajectories
+from cluster.pools import ActorPool
+from rollout.models.contract import PromptEmbeds
+from rollout.prompts.groups import PromptGroup
+from rollout.sampling.trajectory import Trajectories
 from rollout.worker import RolloutWorker
 
 
@@ -43,15 +44,13 @@ class RolloutPool:
                                "own that listens on every network address")
         self._cfg = cfg
         self._store_name = store_name
-        r = cfg.rollout
-        self._options = dict(num_cpus=r.num_cpus_per_actor, num_gpus=r.num_gpus_per_actor, max_restarts=r.max_restarts)
+        self._actors = ActorPool("rollout", RolloutWorker, cfg.rollout)
         self._slots: list[_Slot] = []
         self._queue: deque[PromptGroup] = deque()
         self._in_flight: dict[ray.ObjectRef, tuple[_Slot, PromptGroup]] = {}
         self._attempts: dict[int, int] = {}
-        self._spawned = 0
         self.requeued = 0  # groups queued again because their worker died
-        self.resize(num_workers if num_workers is not None else r.num_actors)
+        self.resize(num_workers if num_workers is not None else cfg.rollout.num_actors)
 
     @property
     def num_workers(self) -> int:
@@ -158,9 +157,7 @@ class RolloutPool:
     # -----------------------------------------------------------------------------------------------------------------
 
     def _spawn(self) -> Any:
-        name = f"rollout-{self._spawned}"
-        self._spawned += 1
-        return RolloutWorker.options(**self._options).remote(self._cfg, self._store_name, name)
+        return self._actors.spawn(self._cfg, self._store_name, f"rollout-{self._actors.spawned}")
 
     def _remove(self, slot: _Slot) -> None:
         self._slots.remove(slot)

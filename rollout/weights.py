@@ -15,6 +15,7 @@ import ray
 import torch
 
 from cluster.config import LoraConfig
+from cluster.pools import service_actor
 
 # (name, dtype string, shape, offset, nbytes) per tensor, in buffer order.
 TensorMeta = tuple[str, str, tuple[int, ...], int, int]
@@ -114,9 +115,9 @@ def apply_policy_state(transformer: torch.nn.Module, state: Mapping[str, torch.T
 # The store: the latest published version, as a named Ray actor.
 
 
-@ray.remote(num_cpus=0)
 class WeightStore:
-    """Holds the latest `(version, [ref], meta)`; the ref stays in a list so that Ray passes it unresolved."""
+    """Holds the latest `(version, [ref], meta)`; the ref stays in a list so that Ray passes it unresolved. It runs as
+    the job's named actor (`weight_store`)."""
 
     def __init__(self) -> None:
         self._latest: tuple[int, list[ray.ObjectRef], list[TensorMeta]] | None = None
@@ -143,7 +144,7 @@ def weight_store_name(run_name: str) -> str:
 
 def weight_store(run_name: str) -> Any:
     """The job's WeightStore actor, created on first use. Create it in the driver: it lives as long as its creator."""
-    return WeightStore.options(name=weight_store_name(run_name), get_if_exists=True).remote()
+    return service_actor(WeightStore, weight_store_name(run_name))
 
 
 def publish_weights(store: Any, version: int, state: Mapping[str, torch.Tensor]) -> bool:

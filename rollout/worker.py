@@ -4,27 +4,26 @@ whole groups with `RolloutSampler`, always with the newest published policy weig
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
-
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import ray
 import torch
 
 from cluster.config import JobConfig
 from cluster.metrics import Recorder
-from rollout.generate import RolloutSampler
-from rollout.models import PromptEmbeds, load_flow_model
-from rollout.prompts import PromptGroup
-from rollout.trajectory import SamplerSettings, Trajectories
+from rollout.models.contract import PromptEmbeds
+from rollout.models.loading import load_configured
+from rollout.prompts.groups import PromptGroup
+from rollout.sampling.loop import RolloutSampler
+from rollout.sampling.trajectory import SamplerSettings, Trajectories
 from rollout.weights import add_lora, apply_policy_state, policy_state, unpack_state
 
 
-@ray.remote
 class RolloutWorker:
-    """One rollout actor. Create it with `RolloutWorker.options(num_cpus=..., num_gpus=..., max_restarts=...)`.
+    """One rollout actor, created by `RolloutPool` through the pool helper (cluster.pools) with the rollout pool's
+    resources and restarts.
 
     The constructor looks up the job's `WeightStore` by its name (when given) and loads the latest published weights,
     so a restarted or newly added actor is never stale; before each group it checks the store again.
@@ -35,16 +34,8 @@ class RolloutWorker:
         self._name = name
         self._metrics = Recorder(cfg.metrics.enabled)
         self._metrics.zero("rollout_images_total", actor=name)
-        m = cfg.model
-        if m.build_tiny:
-            from rollout.tiny import ensure_tiny  # imports every pipeline class: only when needed
-
-            ensure_tiny(m.family, Path(m.path), seed=m.tiny_seed)
         device = "cuda" if cfg.rollout.num_gpus_per_actor > 0 else "cpu"
-        model = load_flow_model(
-            m.path, m.family, dtype=getattr(torch, m.dtype), device=device,
-            allow_download=m.allow_download, max_sequence_length=m.max_sequence_length,
-        )
+        model = load_configured(cfg.model, dtype=getattr(torch, cfg.model.dtype), device=device)
         self._finetune = cfg.learner.finetune
         if self._finetune == "lora":
             add_lora(model.transformer, cfg.learner.lora)

@@ -12,7 +12,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from rollout.tiny import build_tiny  # noqa: E402
+from rollout.models.tiny import build_tiny  # noqa: E402
 
 TINY_SEED = 0
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"

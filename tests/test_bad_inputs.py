@@ -307,7 +307,7 @@ def warm_imports():
     import peft  # noqa: F401
 
     import learner.checkpoint  # noqa: F401
-    import rollout.flux  # noqa: F401
+    import rollout.models.flux  # noqa: F401
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -14,7 +14,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 import rewards
 from rewards.clip_common import RewardLoadError
 from rewards.hpsv2 import clip_config_from_open_clip, open_clip_to_transformers
-from rollout.tiny import clip_tokenizer
+from rollout.models.tiny import clip_tokenizer
 
 PROMPTS = ["a red cube on a table", "a cat", "a red cube on a table", "a cat"]
 

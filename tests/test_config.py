@@ -91,7 +91,6 @@ BAD = [
     (["data.group_size=5"], "data.images_per_iteration"),
     (["data.group_size=1"], "data.group_size"),
     (["learner.micro_batch_size=3"], "learner.micro_batch_size"),
-    (["learner.finetune=full", "learner.beta=0.04"], "learner.beta"),
     (["learner.lr=abc"], "learner.lr"),
     (["learner.lr=-1"], "learner.lr"),
     (["learner.zero_stage=1"], "learner.zero_stage"),
@@ -110,6 +109,17 @@ BAD = [
     (["sampler.noise_level=.nan"], "sampler.noise_level"),
     (["unknown_section.x=1"], "unknown_section"),
 ]
+
+
+def test_the_noise_level_range_of_cps_is_checked_in_the_config():
+    with pytest.raises(ConfigError, match=r"\[0, 1\]"):
+        load_config(ROOT / "cluster/tiny.yaml", ["sampler.kind=cps", "sampler.noise_level=1.2"])
+
+
+def test_full_fine_tuning_with_a_kl_term_is_a_valid_config():
+    # the learner then keeps a frozen copy of the transformer as the KL reference (learner/actor.py)
+    cfg = load_config(ROOT / "cluster/tiny.yaml", ["learner.finetune=full", "learner.beta=0.04"])
+    assert (cfg.learner.finetune, cfg.learner.beta) == ("full", 0.04)
 
 
 @pytest.mark.parametrize("overrides,field", BAD, ids=[f for _, f in BAD])

@@ -12,10 +12,10 @@ import math
 import pytest
 import torch
 
-from rollout.sampling import sigmas
-from rollout.steps import step
+from cluster.config import STEP_KINDS
+from rollout.models.schedules import sigmas
+from rollout.sampling.steps import DEFAULT_LOG_PROB_FORM, step
 
-KINDS = ("ode", "sde", "dance", "cps", "sde_exact")
 DEFAULT_LEVEL = {"ode": 0.0, "sde": 0.7, "dance": 0.3, "cps": 0.7, "sde_exact": 0.7}
 
 
@@ -54,7 +54,8 @@ def step_map(kind: str, sched: torch.Tensor, i: int, m: float, c: float, level: 
     """(P, Q, std) of the implemented `step`, read off from its mean at x = 0 and x = 1 (it is affine)."""
     alpha, beta = true_velocity(float(sched[i]), m, c)
     x = torch.tensor([[0.0], [1.0]], dtype=torch.float64)
-    out = step(kind, x, alpha * x + beta, sched, i, noise_level=level, noise=torch.zeros_like(x))
+    out = step(kind, x, alpha * x + beta, sched, i, noise_level=level, noise=torch.zeros_like(x),
+               log_prob_form=DEFAULT_LOG_PROB_FORM[kind])
     q = float(out.mean[0, 0])
     return float(out.mean[1, 0]) - q, q, float(out.std[0, 0])
 
@@ -84,7 +85,7 @@ def shifted_once(num_steps: int, shift: float = 3.0) -> torch.Tensor:
 # The implementation against the equations, exactly and by sampling.
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", STEP_KINDS)
 def test_step_is_the_affine_map_of_the_equations(kind):
     for sched in (sigmas("sd3", 10).double(), sigmas("flux", 6, image_seq_len=1024).double(), shifted_once(7)):
         for m, c in ((0.5, 1.0), (0.5, 0.0), (-1.0, 0.3)):
@@ -95,7 +96,7 @@ def test_step_is_the_affine_map_of_the_equations(kind):
 
 
 @pytest.mark.parametrize("c", [1.0, 0.0])
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", STEP_KINDS)
 def test_sampled_statistics_follow_the_exact_propagation_step_by_step(kind, c):
     m, level = 0.5, DEFAULT_LEVEL[kind]
     sched = sigmas("sd3", 10).double()
@@ -106,7 +107,8 @@ def test_sampled_statistics_follow_the_exact_propagation_step_by_step(kind, c):
         p, q, std = hand_map(kind, sched.tolist(), i, m, c, level)
         mean, var = p * mean + q, p * p * var + std * std
         alpha, beta = true_velocity(float(sched[i]), m, c)
-        x = step(kind, x, alpha * x + beta, sched, i, noise_level=level, generator=g).prev_sample
+        x = step(kind, x, alpha * x + beta, sched, i, noise_level=level, generator=g,
+                 log_prob_form=DEFAULT_LOG_PROB_FORM[kind]).prev_sample
         sd = math.sqrt(var)
         assert float(x.mean()) == pytest.approx(mean, abs=6e-3 * sd + 1e-9), f"mean after step {i}"
         assert float(x.std()) == pytest.approx(sd, rel=6e-3, abs=1e-9), f"std after step {i}"
@@ -145,8 +147,8 @@ def test_one_flow_sde_step_from_the_marginal_has_the_stated_total_noise_and_cps_
         total = math.sqrt(s**2 + sigma**2 * (t - s) ** 2 / t + (sigma**2 * (t - s) / (2 * t)) ** 2)
         x = (1 - t) * m + t * eps  # an exact state: on the marginal, with the true velocity (x − m)/t
         z = torch.randn(eps.shape, generator=g, dtype=torch.float64)
-        sde = step("sde", x, (x - m) / t, sched, i, noise_level=a, noise=z).prev_sample
-        cps = step("cps", x, (x - m) / t, sched, i, noise_level=a, noise=z).prev_sample
+        sde = step("sde", x, (x - m) / t, sched, i, noise_level=a, noise=z, log_prob_form="gaussian").prev_sample
+        cps = step("cps", x, (x - m) / t, sched, i, noise_level=a, noise=z, log_prob_form="squared").prev_sample
         p, _, std = step_map("sde", sched, i, m, 0.0, a)
         assert math.sqrt(p * p * t * t + std * std) == pytest.approx(total, rel=1e-12)  # exact, from var t² at t
         assert float(sde.std()) == pytest.approx(total, rel=4e-3)
@@ -180,7 +182,8 @@ def test_many_step_end_statistics_hold_when_sampled():
         x = torch.randn(100_000, generator=g, dtype=torch.float64)
         for i in range(500):
             alpha, beta = true_velocity(float(sched[i]), 0.5, 1.0)
-            x = step(kind, x, alpha * x + beta, sched, i, noise_level=0.7, generator=g).prev_sample
+            x = step(kind, x, alpha * x + beta, sched, i, noise_level=0.7, generator=g,
+                     log_prob_form=DEFAULT_LOG_PROB_FORM[kind]).prev_sample
         assert float(x.mean()) == pytest.approx(0.5, abs=0.015)
         assert float(x.std()) == pytest.approx(want, rel=0.01)
 

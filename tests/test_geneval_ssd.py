@@ -156,7 +156,7 @@ def test_masked_crop_paints_the_background_grey() -> None:
 def test_clip_colours_load_and_classify(tmp_path: Path) -> None:
     from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-    from rollout.tiny import clip_tokenizer
+    from rollout.models.tiny import clip_tokenizer
 
     tokenizer = clip_tokenizer()
     config = CLIPConfig(

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import torch
 
-_spec = importlib.util.spec_from_file_location(
-    "micro_snr", Path(__file__).resolve().parents[1] / "bench" / "micro_snr.py")
-micro_snr = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(micro_snr)
+from tests.bench_helpers import load_bench
+
+micro_snr = load_bench("micro_snr")
 
 
 def test_the_estimates_are_the_pairwise_products_and_the_sample_variance():

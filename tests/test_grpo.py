@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from learner.grpo import advantages, nonzero_advantage_indices, policy_loss
-from rollout.sampling import sigmas
-from rollout.steps import kl, step
+from rollout.models.schedules import sigmas
+from rollout.sampling.steps import kl, step
 
 REWARDS = [1.0, 2.0, 6.0, 4.0, 4.0, 4.0, 0.0, 10.0]
 GROUPS = [0, 0, 0, 1, 1, 1, 2, 2]
@@ -69,6 +69,7 @@ def test_gradient_is_zero_exactly_where_clipping_stops_it():
     torch.testing.assert_close(log_prob.grad[~stopped], -adv[~stopped] * ratio[~stopped] / 8)
     expected = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps)).mean()
     torch.testing.assert_close(loss.detach(), expected)
+    stats = stats.means()
     assert stats["clip_frac"] == pytest.approx(0.5)
     assert stats["ratio_mean"] == pytest.approx(float(ratio.mean()))
     assert stats["ratio_std"] == pytest.approx(float(ratio.std(correction=0)))
@@ -80,6 +81,7 @@ def test_on_policy_loss_is_minus_the_mean_advantage_with_ratio_one():
     lp = torch.randn(6)
     adv = torch.randn(6)
     loss, stats = policy_loss(lp, lp.clone(), adv, clip_range=1e-4)
+    stats = stats.means()
     assert float(loss) == pytest.approx(-float(adv.mean()))
     assert (stats["ratio_mean"], stats["ratio_std"], stats["clip_frac"], stats["approx_kl"]) == (1.0, 0.0, 0.0, 0.0)
 
@@ -113,8 +115,8 @@ def test_squared_kl_is_the_mean_squared_difference():
 def test_kl_with_a_steps_noise_scale_divides_by_sigma_t_without_sqrt_delta():
     x, v = torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64)
     sched = sigmas("sd3", 10)
-    out = step("sde", x, v, sched, 3, noise_level=0.7)
-    ref = step("sde", x, v + 0.01, sched, 3, noise_level=0.7)
+    out = step("sde", x, v, sched, 3, noise_level=0.7, log_prob_form="gaussian")
+    ref = step("sde", x, v + 0.01, sched, 3, noise_level=0.7, log_prob_form="gaussian")
     sigma_t = float(out.noise_scale.flatten()[0])
     expected = ((out.mean - ref.mean) ** 2).mean(dim=1) / (2 * sigma_t**2)
     torch.testing.assert_close(kl(out.mean, ref.mean, out.noise_scale, form="gaussian"), expected)

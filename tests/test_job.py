@@ -113,7 +113,7 @@ def test_exported_lora_loads_into_diffusers_and_reproduces_the_evaluation(full_r
     from diffusers import FluxPipeline
 
     from cluster.config import load_config
-    from rollout.sources import eval_prompts
+    from rollout.prompts.sources import eval_prompts
 
     cfg = load_config(ROOT / "cluster/tiny.yaml", [f"output_dir={full_run}"] + BASE)
     pipe = FluxPipeline.from_pretrained(str(ROOT / cfg.model.path))

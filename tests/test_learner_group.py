@@ -5,24 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.config import validate_config
+from cluster.config import PoolConfig, validate_config
 from learner.actor import LearnerActor, deepspeed_config
+from learner.batch import batch_advantages, micro_batch, sample_order, score_recorded_step, sort_batch, update_plan
 from learner.group import ActorGroup
-from learner.train_step import (
-    adapter_disabled,
-    batch_advantages,
-    micro_batch,
-    sample_order,
-    score_recorded_step,
-    sort_batch,
-    step_loss,
-    update_plan,
-)
-from rollout.generate import RolloutSampler
-from rollout.models import load_flow_model
-from rollout.prompts import PromptGroup
-from rollout.trajectory import SamplerSettings
-from rollout.weights import WeightStore, add_lora, unpack_state
+from learner.loss import adapter_disabled, step_loss
+from rollout.models.loading import load_flow_model
+from rollout.prompts.groups import PromptGroup
+from rollout.sampling.loop import RolloutSampler
+from rollout.sampling.trajectory import SamplerSettings
+from rollout.weights import add_lora, unpack_state, weight_store
 
 LORA = {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
 
@@ -61,8 +53,8 @@ def _train(ray, group, batch, iterations):
     refs = ray.put(batch[0]), ray.put(batch[1])
     results = []
     for _ in range(iterations):
-        per_rank = group.get("train_iteration", *refs)
-        results.append({**per_rank[0], "weights": group.get("trainable_state")[0],
+        per_rank = ray.get(group.run("train_iteration", *refs))
+        results.append({**per_rank[0], "weights": ray.get(group.run("trainable_state"))[0],
                         "rank_updates": [r["updates"] for r in per_rank]})
     return results
 
@@ -72,18 +64,20 @@ def one_rank(ray_local, tiny_model_dirs, batch):
     """One learner rank (ZeRO-2, fp32, LoRA, β = 0.04) trained for two iterations, with what it published."""
     ray = ray_local
     cfg = _config(tiny_model_dirs["flux"], num_actors=1, micro_batch_size=2)
-    store = WeightStore.remote()
-    group = ActorGroup(LearnerActor, 1, num_cpus_per_actor=0.5)
-    info = group.get("setup", cfg, store=store)[0]
-    initial = group.get("trainable_state")[0]
+    store = weight_store("test-learner-one-rank")
+    group = ActorGroup(LearnerActor, PoolConfig(num_actors=1, num_cpus_per_actor=0.5))
+    info = ray.get(group.run("setup", cfg, store=store))[0]
+    initial = ray.get(group.run("trainable_state"))[0]
     first = _train(ray, group, batch, 1)[0]
     version, refs, meta = ray.get(store.latest.remote())
     published = (version, unpack_state(ray.get(refs[0]), meta))
-    state_after_first = group.get("state")[0]
+    state_after_first = ray.get(group.run("state"))[0]
     second = _train(ray, group, batch, 1)[0]
     yield dict(cfg=cfg, group=group, info=info, initial=initial, first=first, second=second, published=published,
-               state_after_first=state_after_first, ema=group.get("ema_state")[0], counters=group.get("counters")[0])
+               state_after_first=state_after_first, ema=ray.get(group.run("ema_state"))[0],
+               counters=ray.get(group.run("counters"))[0])
     group.kill()
+    ray.kill(store)
 
 
 def test_one_rank_trains_the_lora_and_publishes_it(one_rank):
@@ -147,7 +141,7 @@ def test_ema_follows_the_decay_schedule_over_updates(one_rank):
 def test_loading_a_state_resumes_exactly(ray_local, one_rank, batch):
     group = one_rank["group"]
     ray_local.get(group.run("load_state", one_rank["state_after_first"]))
-    assert group.get("counters")[0]["optimizer_steps"] == 1
+    assert ray_local.get(group.run("counters"))[0]["optimizer_steps"] == 1
     again = _train(ray_local, group, batch, 1)[0]
     assert again["updates"] == one_rank["second"]["updates"]
     assert all(torch.equal(again["weights"][k], one_rank["second"]["weights"][k]) for k in again["weights"])
@@ -157,7 +151,7 @@ def test_two_ranks_train_the_same_lora_as_one(ray_local, one_rank, tiny_model_di
     one_rank["group"].kill()
     cfg = _config(tiny_model_dirs["flux"], num_actors=2, micro_batch_size=2)
     assert deepspeed_config(cfg)["gradient_accumulation_steps"] == 2 * 2  # each rank: 2 micro-batches x 2 steps
-    group = ActorGroup(LearnerActor, 2, num_cpus_per_actor=0.5)
+    group = ActorGroup(LearnerActor, PoolConfig(num_actors=2, num_cpus_per_actor=0.5))
     try:
         ray_local.get(group.run("setup", cfg))
         first, second = _train(ray_local, group, batch, 2)
@@ -188,13 +182,13 @@ def test_a_nonfinite_update_is_skipped_on_every_rank_alike(ray_local, tiny_model
     poisoned[g] = dataclasses.replace(groups[g], log_probs=log_probs)
     assert (g, i) not in {samples[q] for micro in plan[0] for q in micro}  # rank 0 never sees the NaN
 
-    group = ActorGroup(LearnerActor, 2, num_cpus_per_actor=0.5)
+    group = ActorGroup(LearnerActor, PoolConfig(num_actors=2, num_cpus_per_actor=0.5))
     try:
         ray_local.get(group.run("setup", cfg))
         _train(ray_local, group, batch, 1)  # a clean update first: the optimizer has moments to keep
-        before = group.get("state")
-        bad = group.get("train_iteration", ray_local.put(poisoned), ray_local.put(rewards))
-        after = group.get("state")
+        before = ray_local.get(group.run("state"))
+        bad = ray_local.get(group.run("train_iteration", ray_local.put(poisoned), ray_local.put(rewards)))
+        after = ray_local.get(group.run("state"))
         good = _train(ray_local, group, batch, 1)[0]
     finally:
         group.kill()
@@ -236,11 +230,11 @@ def test_zero3_with_true_cfg_recomputes_exactly_and_publishes_the_gathered_lora(
     add_lora(model.transformer, cfg.learner.lora)
     sampler = RolloutSampler(model, SamplerSettings.from_config(cfg), run_seed=0)
     groups = [sampler.sample_group(PromptGroup(9, "a red cube", {}, (1, 2, 3, 4)), 0)]
-    store = WeightStore.remote()
-    group = ActorGroup(LearnerActor, 1, num_cpus_per_actor=0.5)
+    store = weight_store("test-learner-zero3")
+    group = ActorGroup(LearnerActor, PoolConfig(num_actors=1, num_cpus_per_actor=0.5))
     try:
         ray_local.get(group.run("setup", cfg, negative=sampler.negative, store=store))
-        initial = group.get("trainable_state")[0]
+        initial = ray_local.get(group.run("trainable_state"))[0]
         result = _train(ray_local, group, (groups, [torch.tensor([0.0, 1.0, 0.5, 0.2])]), 1)[0]
         version, refs, meta = ray_local.get(store.latest.remote())
     finally:
@@ -248,6 +242,7 @@ def test_zero3_with_true_cfg_recomputes_exactly_and_publishes_the_gathered_lora(
     update = result["updates"][0]
     assert update["ratio_max_dev"] == 0.0 and update["kl"] == 0.0 and update["step_applied"] == 1.0
     published = unpack_state(ray_local.get(refs[0]), meta)
+    ray_local.kill(store)
     assert version == 1 and published.keys() == initial.keys()
     assert all(torch.equal(published[k], result["weights"][k]) for k in published)
     assert any(not torch.equal(initial[k], published[k]) for k in initial)

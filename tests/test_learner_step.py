@@ -6,23 +6,15 @@ import pytest
 import torch
 
 from cluster.config import LoraConfig
+from learner.batch import batch_advantages, micro_batch, sample_order, score_recorded_step, sort_batch, update_plan
 from learner.ema import Ema, ema_decay
 from learner.grpo import policy_loss
-from learner.train_step import (
-    UpdateStats,
-    adapter_disabled,
-    batch_advantages,
-    micro_batch,
-    sample_order,
-    score_recorded_step,
-    sort_batch,
-    step_loss,
-    update_plan,
-)
-from rollout.generate import RolloutSampler, score_step
-from rollout.models import load_flow_model
-from rollout.prompts import PromptGroup
-from rollout.trajectory import SamplerSettings
+from learner.loss import StepLoss, UpdateStats, adapter_disabled, step_loss
+from rollout.models.loading import load_flow_model
+from rollout.prompts.groups import PromptGroup
+from rollout.sampling.forward import score_step
+from rollout.sampling.loop import RolloutSampler
+from rollout.sampling.trajectory import SamplerSettings
 from rollout.weights import add_lora
 
 LORA = LoraConfig(rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
@@ -115,7 +107,7 @@ def test_reference_with_adapter_disabled_gives_zero_kl_then_positive(flux_rollou
     with torch.no_grad(), adapter_disabled(model.transformer):
         reference = score_recorded_step(model, mb, 1, negative).mean
     scored = score_recorded_step(model, mb, 1, negative)
-    _, _, kl_start = step_loss(scored, mb, 1, clip_range=1e-4, beta=0.04, reference_mean=reference)
+    _, _, kl_start, _ = step_loss(scored, mb, 1, clip_range=1e-4, beta=0.04, reference_mean=reference)
     assert float(kl_start.detach()) == 0.0  # B = 0: the policy is the reference
 
     lora_b = [p for n, p in model.transformer.named_parameters() if "lora_B" in n]
@@ -127,7 +119,7 @@ def test_reference_with_adapter_disabled_gives_zero_kl_then_positive(flux_rollou
         scored = score_recorded_step(model, mb, 1, negative)
         with torch.no_grad(), adapter_disabled(model.transformer):
             assert torch.equal(score_recorded_step(model, mb, 1, negative).mean, reference)
-        loss, policy, kl_after = step_loss(scored, mb, 1, clip_range=1e-4, beta=0.04, reference_mean=reference)
+        loss, policy, kl_after, _ = step_loss(scored, mb, 1, clip_range=1e-4, beta=0.04, reference_mean=reference)
         assert float(kl_after.detach()) > 0.0
         assert torch.allclose(loss, policy + 0.04 * kl_after)
 
@@ -177,7 +169,7 @@ def test_update_plan_is_round_robin_over_updates_and_contiguous_over_ranks():
 
 
 def test_update_plan_keeps_the_micro_batch_count_when_samples_are_dropped():
-    keep = torch.tensor([True, False, True, True, False, True, True, True])
+    keep = torch.tensor([0, 2, 3, 5, 6, 7])  # samples 1 and 4 dropped
     plan = update_plan(8, num_updates=1, num_ranks=1, micro_batches=4, keep=keep)
     assert plan == [[[[0, 2], [3, 5], [6], [7]]]]
     with pytest.raises(ValueError, match="cannot fill"):
@@ -211,11 +203,12 @@ def test_update_stats_match_policy_loss_statistics():
     old = torch.randn(6)
     new = old + 1e-4 * torch.randn(6)
     adv = torch.randn(6)
-    _, expected = policy_loss(new, old, adv, clip_range=1e-4)
+    expected = policy_loss(new, old, adv, clip_range=1e-4)[1].means()
     stats = UpdateStats()
     loss = torch.tensor(0.5)
-    stats.add(loss, loss, torch.tensor(0.0), new[:4], old[:4], 1e-4)
-    stats.add(loss, loss, torch.tensor(0.0), new[4:], old[4:], 1e-4)
+    for part in (slice(0, 4), slice(4, 6)):  # two calls, as two (micro-batch, step) calls of one update add up
+        ratio = policy_loss(new[part], old[part], adv[part], clip_range=1e-4)[1]
+        stats.add(StepLoss(loss, loss, torch.tensor(0.0), ratio))
     summary = stats.summary()
     for key in ("clip_frac", "ratio_mean", "ratio_std", "approx_kl"):
         assert summary[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-12), key

@@ -26,10 +26,11 @@ def test_micro_config_fits_the_base_model_and_two_cores():
 
 @pytest.mark.slow
 def test_a_short_micro_run_trains_on_the_shapes_reward(tmp_path):
-    from rollout.pretrain_shapes import build_shapes_base, quick_settings
+    from rollout.shapes.base_model import quick_settings
+    from tests.bench_helpers import load_bench
 
     base = tmp_path / "base"
-    build_shapes_base(base, quick_settings())
+    load_bench("shapes_base").shapes_base(base, quick_settings())
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     overrides = [f"model.path={base}", f"output_dir={tmp_path / 'run'}", "iterations=2", "metrics.port=0",
                  "data.images_per_iteration=16", "learner.micro_batch_size=4", "eval.every_n_iterations=2",

@@ -10,9 +10,10 @@ import huggingface_hub
 import pytest
 import torch
 
-from rollout.models import ModelLoadError, PromptEmbeds, load_flow_model
-from rollout.sampling import sigmas
-from rollout.tiny import MARKER, build_tiny_pipeline
+from rollout.models.contract import PromptEmbeds
+from rollout.models.loading import ModelLoadError, load_flow_model
+from rollout.models.schedules import sigmas
+from rollout.models.tiny import MARKER, build_tiny_pipeline
 
 PROMPTS = ["a red cat on a blue sofa", "two dogs"]
 GUIDANCE = {"flux": 3.5, "sd3": 4.5}

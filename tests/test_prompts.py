@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from rollout.geneval_prompts import (
+from rollout.prompts.files import PromptFileError, builtin_prompts, read_geneval_jsonl, read_text_prompts
+from rollout.prompts.geneval import (
     COCO_CLASSES,
     COLORS,
     PLURALS,
@@ -21,15 +22,7 @@ from rollout.geneval_prompts import (
     generate_geneval_prompts,
     refuse_test_overlap,
 )
-from rollout.prompts import (
-    GroupSampler,
-    PromptFileError,
-    PromptItem,
-    builtin_prompts,
-    read_geneval_jsonl,
-    read_text_prompts,
-    sample_seed,
-)
+from rollout.prompts.groups import GroupSampler, PromptItem, sample_seed
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -367,7 +360,7 @@ def test_sampler_is_deterministic():
 
 def test_sampler_is_independent_of_hash_seed():
     code = (
-        "import json; from rollout.prompts import GroupSampler, builtin_prompts;"
+        "import json; from rollout.prompts.groups import GroupSampler; from rollout.prompts.files import builtin_prompts;"
         "print(json.dumps([[g.prompt, g.seeds] for g in "
         "GroupSampler(builtin_prompts(), group_size=2, seed=5).take(40)]))"
     )

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from cluster.config import JobConfig, load_config
-from rollout.generate import RolloutSampler, fast_window_start, recompute_log_probs, recorded_steps
-from rollout.models import load_flow_model
-from rollout.prompts import PromptGroup, sample_seed
-from rollout.trajectory import SamplerSettings, Trajectories
+from rollout.models.loading import load_flow_model
+from rollout.prompts.groups import PromptGroup, sample_seed
+from rollout.sampling.forward import score_step
+from rollout.sampling.loop import RolloutSampler, fast_window_start, recorded_steps
+from rollout.sampling.trajectory import SamplerSettings, Trajectories
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -83,6 +84,19 @@ def test_recomputed_log_probs_equal_the_recorded_ones(models, tiny_model_dirs, f
     assert (ratio - 1).abs().max() < 1e-6
 
 
+@torch.no_grad()
+def recompute_log_probs(model, traj: Trajectories, negative) -> torch.Tensor:
+    """Every recorded log-prob of a group recomputed by the learner's `score_step` in the record's batch layout."""
+    out = torch.empty_like(traj.log_probs)
+    for k, index in enumerate(traj.step_indices.tolist()):
+        for chunk in traj.settings.chunks(traj.group_size):
+            rows = slice(chunk.start, chunk.stop)
+            scored = score_step(model, traj.settings, traj.sigmas, index, traj.states[rows, k].contiguous(),
+                                traj.next_states[rows, k].contiguous(), traj.prompt_embeds, negative)
+            out[rows, k] = scored.log_prob.float()
+    return out
+
+
 def _relaid(traj: Trajectories, samples_per_forward: int) -> Trajectories:
     from dataclasses import replace
 
@@ -148,7 +162,9 @@ def test_evaluation_is_deterministic_ode_with_fixed_seeds(models, tiny_model_dir
 def test_record_holds_only_tensors_and_plain_values(models, tiny_model_dirs):
     traj = _sampler(models, tiny_model_dirs, "sd3").sample_group(_group())
     blob = pickle.dumps(traj)
-    assert len(blob) < traj.nbytes() + 20_000  # no model objects ride along
+    tensors = (traj.states, traj.next_states, traj.log_probs, traj.step_indices, traj.sigmas, traj.images,
+               traj.prompt_embeds.prompt_embeds, traj.prompt_embeds.pooled)
+    assert len(blob) < sum(t.numel() * t.element_size() for t in tensors) + 20_000  # no model objects ride along
     back = pickle.loads(blob)
     assert torch.equal(back.states, traj.states) and back.settings == traj.settings
 

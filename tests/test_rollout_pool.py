@@ -10,7 +10,8 @@ import torch
 
 from cluster.config import JobConfig, load_config
 from rollout.pool import RolloutPool
-from rollout.prompts import GroupSampler, builtin_prompts
+from rollout.prompts.files import builtin_prompts
+from rollout.prompts.groups import GroupSampler
 from rollout.weights import pack_state, publish_weights, weight_store, weight_store_name
 
 RUN_NAME = "test-rollout-pool"

@@ -12,9 +12,9 @@ from cluster.config import DataConfig, EvalConfig
 from rewards.base import RewardInputError
 from rewards.registry import build, registered
 from rewards.shapes import ShapesScorer
-from rollout import shapes_data
-from rollout.shapes_data import HELDOUT, caption, combos, dataset, shapes_prompts
-from rollout.sources import eval_prompts, training_prompts
+from rollout.prompts.sources import eval_prompts, training_prompts
+from rollout.shapes import data as shapes_data
+from rollout.shapes.data import HELDOUT, caption, combos, dataset, shapes_prompts
 
 GREY = np.array([128, 128, 128], dtype=np.uint8)
 

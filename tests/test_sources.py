@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import DataConfig, EvalConfig
-from rollout.sources import eval_prompts, training_prompts
+from rollout.prompts.sources import eval_prompts, training_prompts
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 GENEVAL = SHARED / "geneval" / "test_metadata.jsonl"

@@ -10,8 +10,8 @@ import torch
 from diffusers import DiffusionPipeline
 from safetensors.torch import load_file
 
-from rollout import tiny
-from rollout.tiny import build_tiny, ensure_tiny
+from rollout.models import tiny
+from rollout.models.tiny import build_tiny, ensure_tiny
 
 FLUX_FOLDERS = {"transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"}
 SD3_FOLDERS = FLUX_FOLDERS | {"text_encoder_3", "tokenizer_3"}

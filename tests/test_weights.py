@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cluster.config import LoraConfig
-from rollout.models import load_flow_model
+from rollout.models.loading import load_flow_model
 from rollout.weights import (
     add_lora,
     apply_policy_state,

@@ -1,4 +1,4 @@
-"""Noise schedules (and, later, step rules) for flow-matching sampling; schedules come from diffusers' own scheduler."""
+"""The sampling schedule of each model family (noise levels from 1 down to 0), computed by diffusers' own scheduler."""
 
 from __future__ import annotations
 
@@ -43,4 +43,3 @@ def sigmas(family: str, num_steps: int, *, image_seq_len: int | None = None) -> 
     else:
         scheduler.set_timesteps(num_steps)
     return scheduler.sigmas.to(device="cpu", dtype=torch.float32).clone()
-from rollout.steps import StepOutput, kl, step  # noqa: E402,F401

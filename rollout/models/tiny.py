@@ -3,7 +3,7 @@
 The folders have the real layout (transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/, model_index.json), so
 they load through exactly the same `from_pretrained` path as the real models; only the widths are tiny.
 
-    python -m rollout.tiny --family flux --out /tmp/tiny-flux [--seed 0] [--overwrite]
+    python -m rollout.models.tiny --family flux --out /tmp/tiny-flux [--seed 0] [--overwrite]
 """
 
 from __future__ import annotations
@@ -17,17 +17,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-)
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -39,9 +32,12 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from rollout.sampling import SCHEDULER_CONFIGS
+from cluster.config import MODEL_FAMILIES
+from rollout.models.schedules import SCHEDULER_CONFIGS
 
-FAMILIES = ("flux", "sd3")
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+
 MARKER = "tiny_model.json"
 
 # The real VAEs' latent normalisation (FLUX.1 and SD3.5 both use 16 latent channels).
@@ -53,7 +49,7 @@ T5_MAX_LENGTH = 512
 
 
 @contextmanager
-def _seeded(seed: int, component: int) -> Iterator[None]:
+def seeded(seed: int, component: int) -> Iterator[None]:
     """Initialise one component from its own seed without touching the caller's global RNG."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed * 1000 + component)
@@ -79,7 +75,8 @@ def t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
 
 
-def _clip_config(tokenizer: CLIPTokenizer, hidden: int, projection: int) -> CLIPTextConfig:
+def clip_config(tokenizer: CLIPTokenizer, hidden: int, projection: int) -> CLIPTextConfig:
+    """A 2-layer CLIP text encoder config of width `hidden` for `tokenizer`."""
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
@@ -95,7 +92,8 @@ def _clip_config(tokenizer: CLIPTokenizer, hidden: int, projection: int) -> CLIP
     )
 
 
-def _t5(tokenizer: T5Tokenizer, d_model: int) -> T5EncoderModel:
+def t5_encoder(tokenizer: T5Tokenizer, d_model: int) -> T5EncoderModel:
+    """A random 2-layer T5 v1.1 encoder of width `d_model` for `tokenizer`."""
     config = T5Config(
         vocab_size=len(tokenizer),
         d_model=d_model,
@@ -130,16 +128,22 @@ def _vae(scaling_factor: float, shift_factor: float) -> AutoencoderKL:
     )
 
 
+# The pipeline classes are imported where a pipeline is assembled: importing them prints transformers' torchvision
+# warnings, and `ensure_tiny` on a folder that is already built (every actor of a tiny job) needs none of them.
+
+
 def _build_flux(seed: int) -> FluxPipeline:
+    from diffusers import FluxPipeline
+
     tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
     clip_width, t5_width, heads, head_dim = 32, 48, 2, 16
-    with _seeded(seed, 1):
-        text_encoder = CLIPTextModel(_clip_config(tokenizer, clip_width, clip_width))
-    with _seeded(seed, 2):
-        text_encoder_2 = _t5(tokenizer_2, t5_width)
-    with _seeded(seed, 3):
+    with seeded(seed, 1):
+        text_encoder = CLIPTextModel(clip_config(tokenizer, clip_width, clip_width))
+    with seeded(seed, 2):
+        text_encoder_2 = t5_encoder(tokenizer_2, t5_width)
+    with seeded(seed, 3):
         vae = _vae(*FLUX_VAE_SCALING)
-    with _seeded(seed, 4):
+    with seeded(seed, 4):
         transformer = FluxTransformer2DModel(
             patch_size=1,
             in_channels=4 * vae.config.latent_channels,  # 2x2 patches of the latent, packed
@@ -164,18 +168,20 @@ def _build_flux(seed: int) -> FluxPipeline:
 
 
 def _build_sd3(seed: int) -> StableDiffusion3Pipeline:
+    from diffusers import StableDiffusion3Pipeline
+
     tokenizer, tokenizer_2, tokenizer_3 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
     # The two CLIP hidden states (16 + 16) are zero-padded to the T5 width (48) by the pipeline.
     clip_width, t5_width, heads, head_dim = 16, 48, 2, 16
-    with _seeded(seed, 1):
-        text_encoder = CLIPTextModelWithProjection(_clip_config(tokenizer, clip_width, clip_width))
-    with _seeded(seed, 2):
-        text_encoder_2 = CLIPTextModelWithProjection(_clip_config(tokenizer_2, clip_width, clip_width))
-    with _seeded(seed, 3):
-        text_encoder_3 = _t5(tokenizer_3, t5_width)
-    with _seeded(seed, 4):
+    with seeded(seed, 1):
+        text_encoder = CLIPTextModelWithProjection(clip_config(tokenizer, clip_width, clip_width))
+    with seeded(seed, 2):
+        text_encoder_2 = CLIPTextModelWithProjection(clip_config(tokenizer_2, clip_width, clip_width))
+    with seeded(seed, 3):
+        text_encoder_3 = t5_encoder(tokenizer_3, t5_width)
+    with seeded(seed, 4):
         vae = _vae(*SD3_VAE_SCALING)
-    with _seeded(seed, 5):
+    with seeded(seed, 5):
         transformer = SD3Transformer2DModel(
             sample_size=8,
             patch_size=2,
@@ -206,8 +212,8 @@ def _build_sd3(seed: int) -> StableDiffusion3Pipeline:
 
 def build_tiny_pipeline(family: str, *, seed: int = 0) -> DiffusionPipeline:
     """Build a tiny random pipeline in memory, deterministically from `seed`, all modules in eval mode."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
+    if family not in MODEL_FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(MODEL_FAMILIES)}")
     pipe = _build_flux(seed) if family == "flux" else _build_sd3(seed)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
@@ -275,6 +281,8 @@ def ensure_tiny(family: str, out_dir: Path | str, seed: int = 0) -> Path:
 
 def _parameter_counts(path: Path) -> dict[str, int]:
     """Parameter counts per module, read back from the written folder."""
+    from diffusers import DiffusionPipeline
+
     pipe = DiffusionPipeline.from_pretrained(path)
     return {
         name: sum(p.numel() for p in module.parameters())
@@ -285,8 +293,8 @@ def _parameter_counts(path: Path) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: build one tiny model folder and report what was written."""
-    parser = argparse.ArgumentParser(prog="python -m rollout.tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("--family", required=True, choices=FAMILIES)
+    parser = argparse.ArgumentParser(prog="python -m rollout.models.tiny", description=__doc__.splitlines()[0])
+    parser.add_argument("--family", required=True, choices=MODEL_FAMILIES)
     parser.add_argument("--out", required=True, type=Path, help="folder to write (must be missing or empty)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty folder")

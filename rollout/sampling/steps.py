@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-KINDS = ("ode", "sde", "dance", "cps", "sde_exact")
-LOG_PROB_FORMS = ("gaussian", "squared")
-DEFAULT_LOG_PROB_FORM = {kind: "squared" if kind == "cps" else "gaussian" for kind in KINDS}
+from cluster.config import LOG_PROB_FORMS, STEP_KINDS
+
+# The log-prob each rule's reference code trains with (MATH.md): CPS's squared score, a Gaussian density otherwise.
+DEFAULT_LOG_PROB_FORM = {kind: "squared" if kind == "cps" else "gaussian" for kind in STEP_KINDS}
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
 
@@ -80,6 +81,17 @@ def sde_exact_rule(x: torch.Tensor, v: torch.Tensor, t: float, s: float, a: floa
     return (1.0 - s) * x0_hat + s * rho * x1_hat, std, std
 
 
+# The rule of each kind, in STEP_KINDS order, called as (x, v, t, s, noise level, the schedule's second value).
+Rule = Callable[[torch.Tensor, torch.Tensor, float, float, float, float], tuple[torch.Tensor, float, float]]
+RULES: dict[str, Rule] = dict(zip(STEP_KINDS, (
+    lambda x, v, t, s, level, second: ode_rule(x, v, t, s),
+    flow_sde_rule,
+    lambda x, v, t, s, level, second: dance_rule(x, v, t, s, level),
+    lambda x, v, t, s, level, second: cps_rule(x, v, t, s, level),
+    lambda x, v, t, s, level, second: sde_exact_rule(x, v, t, s, level),
+), strict=True))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Log-probabilities and the KL term.
 
@@ -133,21 +145,21 @@ def step(
     noise_level: float,
     noise: torch.Tensor | None = None,
     prev_sample: torch.Tensor | None = None,
-    log_prob_form: str | None = None,
+    log_prob_form: str,
     generator: torch.Generator | None = None,
 ) -> StepOutput:
     """One sampling step of rule `kind` from t = sigmas[index] to s = sigmas[index + 1], with its log-prob.
 
     `noise` given: it is the fresh z. `prev_sample` given: nothing is sampled and the log-prob is that of the given
     state (the training path; the state is treated as a constant). Arithmetic runs in float32 (float64 if `x` is
-    float64) whatever the input dtype, and `prev_sample` is returned in that dtype. `log_prob_form` defaults to
-    "squared" for CPS, "gaussian" otherwise; the log-prob is averaged over all non-batch elements. ODE returns a zero
-    log-prob, and so does the Gaussian form wherever the std is 0 (Flow-SDE with a = 0, CPS at s = 0): such steps are
-    never trained.
+    float64) whatever the input dtype, and `prev_sample` is returned in that dtype. The log-prob (`log_prob_form`,
+    each rule's own in DEFAULT_LOG_PROB_FORM) is averaged over all non-batch elements. ODE returns a zero log-prob, and
+    so does the Gaussian form wherever the std is 0 (Flow-SDE with a = 0, CPS at s = 0): such steps are never trained.
+    The noise level's range per rule is the config's to check (cluster/config.py), not this hot path's.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown step kind {kind!r}; expected one of {', '.join(KINDS)}")
-    form = DEFAULT_LOG_PROB_FORM[kind] if log_prob_form is None else log_prob_form
+    if kind not in RULES:
+        raise ValueError(f"unknown step kind {kind!r}; expected one of {', '.join(STEP_KINDS)}")
+    form = log_prob_form
     if form not in LOG_PROB_FORMS:
         raise ValueError(f"unknown log_prob_form {log_prob_form!r}; expected one of {', '.join(LOG_PROB_FORMS)}")
     if velocity.shape != x.shape:
@@ -164,23 +176,9 @@ def step(
     t, s = float(schedule[index]), float(schedule[index + 1])
     if not (1.0 >= t > s >= 0.0):
         raise ValueError(f"a step needs 1 >= t > s >= 0, got t = {t}, s = {s}")
-    if noise_level < 0.0:
-        raise ValueError(f"noise_level must be >= 0, got {noise_level}")
-    if kind == "cps" and noise_level > 1.0:
-        raise ValueError(f"CPS needs noise_level (η) in [0, 1], got {noise_level}")
 
     dtype = torch.promote_types(torch.promote_types(x.dtype, velocity.dtype), torch.float32)
-    xf, vf = x.to(dtype), velocity.to(dtype)
-    if kind == "ode":
-        mean, std, noise_scale = ode_rule(xf, vf, t, s)
-    elif kind == "sde":
-        mean, std, noise_scale = flow_sde_rule(xf, vf, t, s, noise_level, float(schedule[1]))
-    elif kind == "dance":
-        mean, std, noise_scale = dance_rule(xf, vf, t, s, noise_level)
-    elif kind == "cps":
-        mean, std, noise_scale = cps_rule(xf, vf, t, s, noise_level)
-    else:
-        mean, std, noise_scale = sde_exact_rule(xf, vf, t, s, noise_level)
+    mean, std, noise_scale = RULES[kind](x.to(dtype), velocity.to(dtype), t, s, noise_level, float(schedule[1]))
 
     if prev_sample is None:
         if noise is not None and noise.shape != x.shape:

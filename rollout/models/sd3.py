@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-from rollout.models import FlowModel, PromptEmbeds, sigma_batch, to_uint8_images
+from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch, to_uint8_images
 
 
 class SD3Model(FlowModel):

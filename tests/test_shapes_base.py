@@ -1,4 +1,5 @@
-"""The shapes base-model builder (quick settings): a loadable SD3 folder, cached, deterministic from the seed."""
+"""The shapes base-model builder (quick settings) and its bench scoring: a loadable SD3 folder, cached, deterministic
+from the seed."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rollout import pretrain_shapes
-from rollout.generate import RolloutSampler
-from rollout.models import load_flow_model
-from rollout.pretrain_shapes import MARKER, T5_LENGTH, build_shapes_base, quick_settings
-from rollout.shapes_data import shapes_prompts
-from rollout.trajectory import SamplerSettings
+from rollout.models.loading import load_flow_model
+from rollout.sampling.loop import RolloutSampler
+from rollout.sampling.trajectory import SamplerSettings
+from rollout.shapes import base_model
+from rollout.shapes.base_model import MARKER, T5_LENGTH, quick_settings
+from rollout.shapes.data import shapes_prompts
+from tests.bench_helpers import load_bench
+
+build_shapes_base = load_bench("shapes_base").shapes_base
 
 TRANSFORMER = "transformer/diffusion_pytorch_model.safetensors"
 
@@ -69,7 +73,7 @@ def test_a_second_call_with_the_same_settings_is_a_cache_hit(built, monkeypatch)
     def no_training(*args, **kwargs):
         raise AssertionError("rebuilt a cached model")
 
-    monkeypatch.setattr(pretrain_shapes, "train_vae", no_training)
+    monkeypatch.setattr(base_model, "train_vae", no_training)
     assert build_shapes_base(path, quick_settings(0)) == marker
     assert {p: p.stat().st_mtime_ns for p in path.rglob("*")} == before
     assert sorted(p.name for p in path.parent.iterdir()) == ["base"]  # no temp folders left behind
@@ -90,15 +94,15 @@ def test_the_same_seed_gives_identical_weights(built, tmp_path, one_thread):
 def test_folding_the_latent_normalisation_keeps_decoding_and_whitens_the_latents():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        vae = pretrain_shapes.new_vae().eval()
+        vae = base_model.new_vae().eval()
         pixels = torch.rand(6, 3, 64, 64) * 2 - 1
     with torch.no_grad():
-        raw = pretrain_shapes.latent_means(vae, pixels) * 3 + 1  # an uneven spread and offset
+        raw = base_model.latent_means(vae, pixels) * 3 + 1  # an uneven spread and offset
         reference = vae.decode(raw).sample
         vae.quant_conv.weight *= 3
         vae.quant_conv.bias[:4] = vae.quant_conv.bias[:4] * 3 + 1
-        normalised = pretrain_shapes.fold_latent_normalisation(vae, raw)
+        normalised = base_model.fold_latent_normalisation(vae, raw)
         torch.testing.assert_close(normalised.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-5, rtol=0)
         torch.testing.assert_close(normalised.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-5, rtol=0)
         torch.testing.assert_close(vae.decode(normalised).sample, reference, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(pretrain_shapes.latent_means(vae, pixels), normalised, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(base_model.latent_means(vae, pixels), normalised, atol=1e-4, rtol=1e-4)

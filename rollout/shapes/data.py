@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rollout.prompts import PromptItem
+from rollout.prompts.groups import PromptItem
 
 IMAGE_SIZE = 64
 BACKGROUND = (128, 128, 128)

@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-from rollout.models import FlowModel, PromptEmbeds, sigma_batch, to_uint8_images
+from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch, to_uint8_images
 
 
 class FluxModel(FlowModel):

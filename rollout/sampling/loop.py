@@ -1,5 +1,4 @@
-"""The rollout sampling loop as plain code (no Ray): whole groups with recorded log-probs, evaluation images, and the
-learner's recompute of a recorded step.
+"""The rollout sampling loop as plain code (no Ray): whole groups with recorded log-probs, and evaluation images.
 
 Noise never comes from a process's own RNG: sample i of a group draws its initial noise and then, step by step, its
 fresh noise from `torch.Generator().manual_seed(seeds[i])`, one sample at a time, so neither the worker nor the batch
@@ -13,10 +12,11 @@ from collections.abc import Sequence
 
 import torch
 
-from rollout.models import FlowModel, PromptEmbeds
-from rollout.prompts import PromptGroup
-from rollout.steps import StepOutput, step
-from rollout.trajectory import SamplerSettings, Trajectories
+from rollout.models.contract import FlowModel
+from rollout.prompts.groups import PromptGroup
+from rollout.sampling.forward import guided_velocity
+from rollout.sampling.steps import step
+from rollout.sampling.trajectory import SamplerSettings, Trajectories
 
 
 def fast_window_start(run_seed: int, group_id: int, num_steps: int, size: int) -> int:
@@ -35,61 +35,6 @@ def recorded_steps(settings: SamplerSettings, run_seed: int, group_id: int) -> l
         start = fast_window_start(run_seed, group_id, settings.num_steps, settings.fast_window_size)
         return list(range(start, start + settings.fast_window_size))
     return list(range(settings.trained_steps))
-
-
-def guided_velocity(
-    model: FlowModel,
-    x: torch.Tensor,
-    sigma: torch.Tensor | float,
-    embeds: PromptEmbeds,
-    negative: PromptEmbeds | None,
-    settings: SamplerSettings,
-) -> torch.Tensor:
-    """The one forward that sampling and training share: the configured guidance, CFG only for true-CFG models."""
-    return model.velocity(
-        x, sigma, embeds,
-        guidance_scale=settings.guidance_scale,
-        negative=negative if model.true_cfg else None,
-        image_size=settings.image_size,
-    )
-
-
-def score_step(
-    model: FlowModel,
-    settings: SamplerSettings,
-    sigmas: torch.Tensor,
-    index: int,
-    states: torch.Tensor,
-    next_states: torch.Tensor,
-    embeds: PromptEmbeds,
-    negative: PromptEmbeds | None,
-) -> StepOutput:
-    """The learner's path: the log-prob (and mean) of recorded next states under the current model, differentiable.
-
-    With the states of one chunk of the recorded batch layout and the group's one-row `embeds`, this is the sampling
-    computation itself, so an unchanged model reproduces the recorded log-probs bit for bit.
-    """
-    v = guided_velocity(model, states, sigmas[index], embeds, negative, settings)
-    return step(
-        settings.kind, states, v, sigmas, index,
-        noise_level=settings.noise_level, prev_sample=next_states, log_prob_form=settings.log_prob_form,
-    )
-
-
-@torch.no_grad()
-def recompute_log_probs(model: FlowModel, traj: Trajectories, negative: PromptEmbeds | None) -> torch.Tensor:
-    """Every recorded log-prob of a group recomputed with the recorded batch layout: float32 (G, K)."""
-    out = torch.empty_like(traj.log_probs)
-    embeds = traj.prompt_embeds.to(model.device)
-    negative = negative.to(model.device) if negative is not None else None
-    for k, index in enumerate(traj.step_indices.tolist()):
-        for chunk in traj.settings.chunks(traj.group_size):
-            rows = slice(chunk.start, chunk.stop)
-            states = traj.states[rows, k].contiguous().to(model.device)
-            next_states = traj.next_states[rows, k].contiguous().to(model.device)
-            scored = score_step(model, traj.settings, traj.sigmas, index, states, next_states, embeds, negative)
-            out[rows, k] = scored.log_prob.float().cpu()
-    return out
 
 
 class RolloutSampler:
@@ -172,7 +117,7 @@ class RolloutSampler:
             x = x.to(model.device)
             for index in range(num_steps):
                 v = guided_velocity(model, x, sigmas[index], embeds, self.negative, s)
-                x = step("ode", x, v, sigmas, index, noise_level=0.0).prev_sample
+                x = step("ode", x, v, sigmas, index, noise_level=0.0, log_prob_form=s.log_prob_form).prev_sample
             images.append(model.decode(x, s.height, s.width))
         if not images:
             return torch.empty(0, s.height, s.width, 3, dtype=torch.uint8)

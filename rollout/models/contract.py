@@ -1,28 +1,20 @@
-"""The model adapter contract shared by rollout and learner (encode prompts, velocity, decode) and `load_flow_model`.
+"""The model adapter contract shared by rollout and learner: encode prompts, velocity, decode.
 
 FLUX.1 and SD3.5 differ in how they condition the transformer, lay out latents and apply guidance; everything above this
-module sees one `FlowModel` with the same methods. Implementations live in `rollout.flux` and `rollout.sd3`.
+package sees one `FlowModel` with the same methods. One adapter per family (`flux.py`, `sd3.py`) implements it and
+imports only this module; `loading.py` knows the families and loads them.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 
-from rollout import sampling
-
-Family = Literal["flux", "sd3"]
-FAMILIES: tuple[str, ...] = ("flux", "sd3")
-PARTS: tuple[str, ...] = ("text", "vae", "transformer")
-
-
-class ModelLoadError(RuntimeError):
-    """A model folder or hub id could not be loaded (missing, not cached with downloads off, or unreachable)."""
+from rollout.models import schedules
 
 
 @dataclass(frozen=True)
@@ -104,7 +96,7 @@ class FlowModel(abc.ABC):
     # True when guidance is classifier-free (needs negative embeddings), False for a guidance embedding.
     true_cfg: ClassVar[bool]
     default_max_sequence_length: ClassVar[int]
-    # subfolder -> (part, loader class): what `load_flow_model` loads for each part.
+    # subfolder -> (part, loader class): what `loading.load_flow_model` loads for each part.
     components: ClassVar[dict[str, tuple[str, type]]]
 
     def __init__(
@@ -159,7 +151,7 @@ class FlowModel(abc.ABC):
 
     def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
         """The sampling schedule for this model family at this image size."""
-        return sampling.sigmas(self.family, num_steps, image_seq_len=self.image_seq_len(height, width))
+        return schedules.sigmas(self.family, num_steps, image_seq_len=self.image_seq_len(height, width))
 
     def image_seq_len(self, height: int, width: int) -> int:
         """Number of image tokens the transformer sees (2x2 latent patches)."""
@@ -207,147 +199,3 @@ class FlowModel(abc.ABC):
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Final latents -> uint8 images (B, H, W, 3) on CPU."""
-
-
-def _model_class(family: str) -> type[FlowModel]:
-    if family == "flux":
-        from rollout.flux import FluxModel
-
-        return FluxModel
-    if family == "sd3":
-        from rollout.sd3 import SD3Model
-
-        return SD3Model
-    raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}")
-
-
-# Files whose presence shows a component folder is usable (transformers 5 silently builds an empty tokenizer otherwise).
-_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model")
-
-
-def _component_problem(folder: Path, cls: type) -> str | None:
-    """Why `folder` cannot hold a `cls` component, or None if it looks complete."""
-    if not folder.is_dir():
-        return "missing"
-    if issubclass(cls, torch.nn.Module):
-        return None if (folder / "config.json").is_file() else "has no config.json"
-    if any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        return None
-    return f"has no tokenizer file ({' / '.join(_TOKENIZER_FILES)})"
-
-
-def _looks_like_hub_id(path: str) -> bool:
-    """Whether `path` could name a hub model ('name' or 'org/name'), rather than only a local folder."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(path)
-    except HFValidationError:
-        return False
-    return True
-
-
-def _resolve_hub_id(repo_id: str, subfolders: Collection[str], allow_download: bool) -> Path:
-    """The local snapshot folder of a hub model (only the needed subfolders), from the cache or downloaded."""
-    from huggingface_hub import constants, snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(
-                repo_id,
-                local_files_only=not allow_download,
-                allow_patterns=["model_index.json", *(f"{sub}/*" for sub in subfolders)],
-            )
-        )
-    except Exception as err:  # any failure to fetch becomes one clear message; the cause stays chained
-        if not allow_download:
-            raise ModelLoadError(
-                f"model.path {repo_id!r} is neither a local folder nor a model in the local Hugging Face cache, "
-                f"and downloads are off: set model.allow_download=true to fetch it, or point model.path at a "
-                f"local diffusers folder"
-            ) from err
-        if constants.is_offline_mode():
-            raise ModelLoadError(
-                f"could not fetch {repo_id!r} from the Hugging Face Hub: it is not in the local cache and "
-                f"HF_HUB_OFFLINE=1 turns downloads off; unset HF_HUB_OFFLINE to fetch it, or point model.path at a "
-                f"local diffusers folder"
-            ) from err
-        reason = (str(err).strip().splitlines() or [""])[0]
-        raise ModelLoadError(
-            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {reason}); check the id, "
-            f"your access to it and the network, or point model.path at a local diffusers folder"
-        ) from err
-
-
-def _load_component(cls: type, folder: Path, subfolder: str, dtype: torch.dtype) -> Any:
-    """`from_pretrained` of one pipeline component from a local folder; weights in `dtype`, tokenizers as they are."""
-    kwargs: dict[str, Any] = dict(subfolder=subfolder, local_files_only=True)
-    if issubclass(cls, torch.nn.Module):
-        # diffusers models take torch_dtype, transformers 5 models take dtype
-        kwargs["torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"] = dtype
-    return cls.from_pretrained(str(folder), **kwargs)
-
-
-def locate_model(
-    path: str, family: Family, *, allow_download: bool = False, parts: Collection[str] = PARTS
-) -> tuple[Path, dict[str, type]]:
-    """The local folder holding the model's `parts` (resolving a hub id through the cache) and the component classes
-    to load from it; ModelLoadError, naming what is missing, before anything is loaded."""
-    model_class = _model_class(family)
-    unknown = set(parts) - set(PARTS)
-    if unknown or not parts:
-        raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {sorted(parts)}")
-    wanted = {sub: cls for sub, (part, cls) in model_class.components.items() if part in parts}
-
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise ModelLoadError(f"model.path {str(path)!r} is a file; expected a diffusers folder (model_index.json, "
-                             f"transformer/, vae/, ...) or a hub id")
-    if not folder.is_dir():
-        if not _looks_like_hub_id(str(path)):
-            raise ModelLoadError(
-                f"model.path {str(path)!r}: no such folder (and not a hub id like 'org/name'); point model.path at "
-                f"a local diffusers folder, or give a hub id in the local Hugging Face cache (or with "
-                f"model.allow_download=true)"
-            )
-        folder = _resolve_hub_id(str(path), wanted, allow_download)
-    problems = {sub: why for sub, cls in wanted.items() if (why := _component_problem(folder / sub, cls))}
-    if problems:
-        listed = "; ".join(f"subfolder {sub!r} {why}" for sub, why in problems.items())
-        raise ModelLoadError(
-            f"model.path {str(path)!r}: the {family} model there is incomplete: {listed} "
-            f"(parts {sorted(parts)} need {', '.join(wanted)}); is model.family right?"
-        )
-    return folder, wanted
-
-
-def load_flow_model(
-    path: str,
-    family: Family,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: str = "cpu",
-    allow_download: bool = False,
-    parts: Collection[str] = PARTS,
-    max_sequence_length: int | None = None,
-) -> FlowModel:
-    """Load a FLUX.1 / SD3.5 model from a local diffusers folder or a hub id; `parts` picks what to load.
-
-    A path that is not an existing folder is taken as a hub id and read from the local Hugging Face cache, or
-    downloaded (only the needed subfolders) when `allow_download`. The learner loads only ("transformer",).
-    """
-    model_class = _model_class(family)
-    folder, wanted = locate_model(path, family, allow_download=allow_download, parts=parts)
-
-    modules: dict[str, Any] = {}
-    for sub, cls in wanted.items():
-        try:
-            module = _load_component(cls, folder, sub, dtype)
-        except (OSError, ValueError) as err:
-            raise ModelLoadError(f"could not load {sub!r} of the {family} model at {path}: {err}") from err
-        if isinstance(module, torch.nn.Module):
-            module.to(device).eval()
-            if sub != "transformer":  # frozen: only the transformer is ever trained
-                module.requires_grad_(False)
-        modules[sub] = module
-    return model_class(modules, dtype=dtype, device=device, max_sequence_length=max_sequence_length)

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from cluster.config import JobConfig
-from rollout.models import PromptEmbeds
-from rollout.steps import DEFAULT_LOG_PROB_FORM
+from rollout.models.contract import PromptEmbeds
+from rollout.sampling.steps import DEFAULT_LOG_PROB_FORM
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class SamplerSettings:
 
     @staticmethod
     def from_config(cfg: JobConfig) -> SamplerSettings:
-        """The training rollouts' settings of a job (log-prob form resolved to its per-rule default)."""
+        """The training rollouts' settings of a job; the one place an unset `sampler.log_prob_form` becomes its rule's
+        default."""
         s = cfg.sampler
         return SamplerSettings(
             kind=s.kind,
@@ -121,9 +122,3 @@ class Trajectories:
     def num_recorded_steps(self) -> int:
         """K, the trained steps recorded per trajectory."""
         return self.log_probs.shape[1]
-
-    def nbytes(self) -> int:
-        """Size of the tensors, i.e. roughly what the record costs in the object store."""
-        tensors = (self.states, self.next_states, self.log_probs, self.step_indices, self.sigmas, self.images,
-                   self.prompt_embeds.prompt_embeds, self.prompt_embeds.pooled)
-        return sum(t.numel() * t.element_size() for t in tensors)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
-from rollout.prompts import PromptItem
+from rollout.prompts.groups import PromptItem
 
 # The 80 COCO classes in COCO order, spelled as GenEval spells them ("computer mouse", "tv remote", "hair drier").
 COCO_CLASSES: tuple[str, ...] = (

@@ -1,4 +1,5 @@
-"""The pieces of one GRPO update as plain functions (no Ray, no DeepSpeed), so each can be tested on its own.
+"""An iteration's batch as the learner takes it (no Ray, no DeepSpeed): sorted groups, advantages, the split into
+updates, ranks and micro-batches, and the recompute of one recorded step of a micro-batch.
 
 An iteration's batch is its scored groups sorted by `group_id`; a sample is `(position of its group, index in the
 group)` and the batch order is by (group_id, index). `update_plan` splits that order into the iteration's optimizer
@@ -8,25 +9,22 @@ With one update, one rank and a micro-batch size equal to the rollout's `samples
 size), every micro-batch is exactly one rollout chunk, so the recomputed log-probs equal the recorded ones bit for bit.
 
 For each micro-batch and trained step the learner scores the recorded next state with the sampling forward
-(`rollout.generate.score_step`), optionally the reference mean with the adapter disabled, and takes the loss
-`policy_loss + β·KL` (MATH.md, "GRPO").
+(`rollout.sampling.forward.score_step`, here `score_recorded_step`) and takes the loss of learner/loss.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from learner.grpo import advantages as grpo_advantages
-from learner.grpo import policy_loss
-from rollout.generate import score_step
-from rollout.models import FlowModel, PromptEmbeds
-from rollout.steps import StepOutput, kl
-from rollout.trajectory import SamplerSettings, Trajectories
+from rollout.models.contract import FlowModel, PromptEmbeds
+from rollout.sampling.forward import score_step
+from rollout.sampling.steps import StepOutput
+from rollout.sampling.trajectory import SamplerSettings, Trajectories
 
 SampleRef = tuple[int, int]  # (position of the group in the sorted batch, sample index within the group)
 
@@ -115,12 +113,12 @@ def update_plan(
 ) -> list[list[list[list[int]]]]:
     """plan[u][r][m]: positions (in `sample_order`) of micro-batch m of rank r in update u.
 
-    The kept samples (all, or where `keep` is true) go to the updates round-robin; each update's samples are cut in
+    The kept samples (all, or the positions `keep` lists in order) go to the updates round-robin; each update's samples are cut in
     order into one consecutive run per rank, and each run into `micro_batches` consecutive micro-batches, all of
     near-equal size. The micro-batch count is fixed (DeepSpeed's accumulation count is fixed at init), so every
     micro-batch must hold at least one sample.
     """
-    order = list(range(num_samples)) if keep is None else torch.nonzero(keep).reshape(-1).tolist()
+    order = list(range(num_samples)) if keep is None else torch.as_tensor(keep).reshape(-1).tolist()
     needed = num_updates * num_ranks * micro_batches
     if len(order) < needed:
         raise ValueError(
@@ -212,93 +210,3 @@ def score_recorded_step(model: FlowModel, mb: MicroBatch, k: int, negative: Prom
     inverse = torch.argsort(torch.cat(rows_in_order))
     return StepOutput(*(torch.cat([getattr(p, f) for p in parts])[inverse]
                         for f in ("prev_sample", "log_prob", "mean", "std", "noise_scale")))
-
-
-@contextmanager
-def adapter_disabled(transformer: torch.nn.Module) -> Iterator[None]:
-    """The base model: the peft adapter switched off inside the block (the KL reference), on again after it."""
-    transformer.disable_adapters()
-    try:
-        yield
-    finally:
-        transformer.enable_adapters()
-
-
-def log_prob_scale(reduction: str, scored: StepOutput) -> float:
-    """The factor on the per-element mean log-prob: D (the latent elements of one sample) for "sum", 1 for "mean"."""
-    return float(scored.prev_sample[0].numel()) if reduction == "sum" else 1.0
-
-
-def step_loss(
-    scored: StepOutput,
-    mb: MicroBatch,
-    k: int,
-    *,
-    clip_range: float,
-    beta: float,
-    reference_mean: torch.Tensor | None = None,
-    log_prob_scale: float = 1.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, policy loss, KL) of step slot k: policy_loss(ℓθ, ℓold, A) + β·mean KL(μθ ‖ μref); KL is 0 when β = 0.
-
-    `log_prob_scale` multiplies both log-probs and the per-sample KL alike (the number of latent elements turns the
-    per-element means into sums): the KL term is always that of the distribution whose log-prob ratio is trained.
-    """
-    policy, _ = policy_loss(scored.log_prob * log_prob_scale, mb.old_log_probs[:, k] * log_prob_scale,
-                            mb.advantages, clip_range=clip_range)
-    if beta > 0:
-        if reference_mean is None:
-            raise ValueError("beta > 0 needs the reference mean of the step")
-        kl_value = kl(scored.mean, reference_mean, scored.noise_scale, form=mb.settings.log_prob_form).mean()
-        kl_value = kl_value * log_prob_scale
-    else:
-        kl_value = torch.zeros((), dtype=policy.dtype, device=policy.device)
-    return policy + beta * kl_value, policy, kl_value
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Statistics of one update, summed over (micro-batch, step) calls and over ranks.
-
-
-class UpdateStats:
-    """Sums over the (micro-batch, step) losses of one update, reducible over ranks; ratios over all (sample, step)."""
-
-    SUMS = ("calls", "loss", "policy_loss", "kl", "samples", "ratio_m1", "ratio_m1_sq", "clipped", "log_ratio_sq")
-
-    def __init__(self) -> None:
-        self.sums = torch.zeros(len(self.SUMS), dtype=torch.float64)
-        self.max_ratio_dev = torch.zeros((), dtype=torch.float64)
-
-    @torch.no_grad()
-    def add(self, loss: torch.Tensor, policy: torch.Tensor, kl_value: torch.Tensor, log_prob: torch.Tensor,
-            old_log_prob: torch.Tensor, clip_range: float) -> None:
-        """Record one (micro-batch, step) call."""
-        diff = (log_prob.detach() - old_log_prob).double().cpu()
-        dev = torch.exp(diff) - 1.0  # ρ − 1, kept small so that the variance is well conditioned
-        values = (1.0, float(loss.detach()), float(policy.detach()), float(kl_value.detach()), diff.numel(),
-                  float(dev.sum()), float((dev**2).sum()), float((dev.abs() > clip_range).sum()),
-                  float((diff**2).sum()))
-        self.sums += torch.tensor(values, dtype=torch.float64)
-        self.max_ratio_dev = torch.maximum(self.max_ratio_dev, dev.abs().max())
-
-    def reduce(self, all_reduce: Callable[[torch.Tensor, str], None] | None) -> None:
-        """Combine with the other ranks in place: `all_reduce(tensor, "sum" | "max")`; None for one process."""
-        if all_reduce is not None:
-            all_reduce(self.sums, "sum")
-            all_reduce(self.max_ratio_dev, "max")
-
-    def summary(self) -> dict[str, float]:
-        """Means per call (loss, policy_loss, kl) and per (sample, step) (ratio, clip fraction, approx-KL)."""
-        s = dict(zip(self.SUMS, self.sums.tolist()))
-        calls, n = max(s["calls"], 1.0), max(s["samples"], 1.0)
-        mean_m1 = s["ratio_m1"] / n
-        return {
-            "loss": s["loss"] / calls,
-            "policy_loss": s["policy_loss"] / calls,
-            "kl": s["kl"] / calls,
-            "clip_frac": s["clipped"] / n,
-            "ratio_mean": 1.0 + mean_m1,
-            "ratio_std": max(s["ratio_m1_sq"] / n - mean_m1**2, 0.0) ** 0.5,
-            "ratio_max_dev": float(self.max_ratio_dev),
-            "approx_kl": 0.5 * s["log_ratio_sq"] / n,
-        }

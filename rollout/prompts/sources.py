@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from cluster.config import DataConfig, EvalConfig
-from rollout.geneval_prompts import generate_geneval_prompts, refuse_test_overlap
-from rollout.prompts import PromptItem, builtin_prompts, read_geneval_jsonl, read_text_prompts
-from rollout.shapes_data import shapes_prompts
+from rollout.prompts.files import builtin_prompts, read_geneval_jsonl, read_text_prompts
+from rollout.prompts.geneval import generate_geneval_prompts, refuse_test_overlap
+from rollout.prompts.groups import PromptItem
+from rollout.shapes.data import shapes_prompts
 
 
 def _read(source: str, path: str | None) -> list[PromptItem]:

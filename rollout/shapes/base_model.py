@@ -1,8 +1,7 @@
-"""Builds the base text-to-image model of the shapes world (rollout.shapes_data) as an SD3 diffusers folder.
+"""Builds the base text-to-image model of the shapes world (rollout.shapes.data) as an SD3 diffusers folder.
 
-    python -m rollout.pretrain_shapes --out DIR [--seed 0] [--quick] [--overwrite] [--threads 2]
-
-The folder is a standard StableDiffusion3Pipeline that `load_flow_model(DIR, "sd3")` loads, trained in fp32 on CPU,
+The command that builds it, `python bench/shapes_base.py --out DIR`, also scores it (bench/ may use the rewards). The
+folder is a standard StableDiffusion3Pipeline that `load_flow_model(DIR, "sd3")` loads, trained in fp32 on CPU,
 deterministically from the seed (for a given torch thread count):
 
 - VAE: a 4×-downsampling AutoencoderKL (64×64 RGB <-> 4×16×16 latents) trained on 32×32 crops of shapes images
@@ -19,15 +18,14 @@ deterministically from the seed (for a given torch thread count):
   that sampling visits) on the 12 train combos only, with 10% of the captions dropped to "" so that classifier-free
   guidance works; the saved weights are an EMA of the training weights.
 
-At the end 10-step ODE samples through the project's sampler (`RolloutSampler.sample_eval`) of the train and held-out
-prompts are scored by the `shapes` reward at a few guidance scales; their exact accuracies (and the guidance scale
-with the best train accuracy) go into `shapes_base.json` next to the settings, seed and wall times. The folder is built
-next to DIR and renamed into place; a second call with the same settings returns at once.
+At the end the caller's `evaluate` scores the finished folder and VAE reconstructions of training images (the bench
+scores 10-step ODE samples with the `shapes` reward); what it returns goes into `shapes_base.json` next to the
+settings, seed and wall times. The folder is built next to DIR and renamed into place; a second call with the same
+settings returns at once.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -35,6 +33,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,9 +43,10 @@ from tqdm import tqdm
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from rollout import shapes_data
-from rollout.sampling import SCHEDULER_CONFIGS
-from rollout.tiny import _clip_config, _seeded, _t5, move_into_place
+from rollout.models.contract import to_uint8_images
+from rollout.models.schedules import SCHEDULER_CONFIGS
+from rollout.models.tiny import clip_config, move_into_place, seeded, t5_encoder
+from rollout.shapes import data as shapes_data
 
 MARKER = "shapes_base.json"
 FORMAT = 1
@@ -121,18 +121,18 @@ def text_components(seed: int) -> dict:
     parts = {}
     for index, name in enumerate(("", "_2"), start=1):
         tokenizer = word_clip_tokenizer()
-        with _seeded(seed, index):
-            encoder = CLIPTextModelWithProjection(_clip_config(tokenizer, CLIP_WIDTH, CLIP_WIDTH))
+        with seeded(seed, index):
+            encoder = CLIPTextModelWithProjection(clip_config(tokenizer, CLIP_WIDTH, CLIP_WIDTH))
         parts[f"tokenizer{name}"], parts[f"text_encoder{name}"] = tokenizer, encoder.eval().requires_grad_(False)
     parts["tokenizer_3"] = word_t5_tokenizer()
-    with _seeded(seed, 3):
-        parts["text_encoder_3"] = _t5(parts["tokenizer_3"], T5_WIDTH).eval().requires_grad_(False)
+    with seeded(seed, 3):
+        parts["text_encoder_3"] = t5_encoder(parts["tokenizer_3"], T5_WIDTH).eval().requires_grad_(False)
     return parts
 
 
 def encode_captions(text: dict, captions: list[str]):
     """Prompt embeddings exactly as the SD3 adapter computes them at sampling time."""
-    from rollout.sd3 import SD3Model
+    from rollout.models.sd3 import SD3Model
 
     return SD3Model(text, max_sequence_length=T5_LENGTH).encode_prompts(captions)
 
@@ -256,47 +256,6 @@ def train_transformer(transformer: SD3Transformer2DModel, latents: torch.Tensor,
     return ema, losses
 
 
-# --------------------------------------------------------------------------- evaluation
-
-
-def evaluate(path: Path, s: Settings) -> dict:
-    """Exact accuracy and mean reward of `eval_samples` 10-step ODE samples per split (prompts cycled, seeds fixed)
-    at each guidance scale, through the project's loader, sampler and `shapes` reward. The recommended guidance is the
-    one with the best train accuracy (held-out combos play no part in choosing it); the headline figures are its."""
-    from rewards.shapes import ShapesScorer  # the builder's check; rollout code itself never needs rewards
-    from rollout.generate import RolloutSampler
-    from rollout.models import load_flow_model
-    from rollout.trajectory import SamplerSettings
-
-    model = load_flow_model(str(path), "sd3", max_sequence_length=T5_LENGTH)
-    scorer, by_guidance = ShapesScorer(), {}
-    for guidance in s.guidance_scales:
-        settings = SamplerSettings(kind="ode", noise_level=0.0, log_prob_form="gaussian", guidance_scale=guidance,
-                                   height=64, width=64, num_steps=s.eval_steps, samples_per_forward=64, trained_steps=1)
-        sampler = RolloutSampler(model, settings, run_seed=s.seed)
-        results = by_guidance[str(guidance)] = {}
-        for split in ("train", "heldout"):
-            items = shapes_data.shapes_prompts(split)
-            chosen = [items[i % len(items)] for i in range(s.eval_samples)]
-            seeds = [1_000_003 * s.seed + i + (0 if split == "train" else 500_000) for i in range(len(chosen))]
-            images = sampler.sample_eval([p.prompt for p in chosen], seeds, num_steps=s.eval_steps, batch_size=64)
-            scored = scorer(images, [p.prompt for p in chosen], [p.metadata for p in chosen])
-            results[f"{split}_exact"] = round(float(scored.metrics["shapes_exact"].mean()), 4)
-            results[f"{split}_reward"] = round(float(scored.scores.mean()), 4)
-    best = max(s.guidance_scales, key=lambda g: by_guidance[str(g)]["train_exact"])
-    return {"guidance_scale": best, **by_guidance[str(best)], "by_guidance": by_guidance}
-
-
-@torch.no_grad()
-def reconstruction_exact(vae: AutoencoderKL, latents: torch.Tensor, captions: list[str], metadata: list[dict]) -> float:
-    """Exact accuracy of the `shapes` reward on VAE reconstructions (decoded normalised latents)."""
-    from rewards.shapes import ShapesScorer
-    from rollout.models import to_uint8_images
-
-    images = to_uint8_images(vae.decode(latents).sample)
-    return float(ShapesScorer()(images, captions, metadata).metrics["shapes_exact"].mean())
-
-
 # --------------------------------------------------------------------------- the build
 
 
@@ -307,8 +266,14 @@ def _marker(path: Path) -> dict | None:
         return None
 
 
-def build_shapes_base(out_dir: Path | str, settings: Settings = Settings(), *, overwrite: bool = False) -> dict:
-    """Build (or find cached) the shapes base model at `out_dir`; returns its marker (settings, accuracies, times)."""
+# evaluate(folder, settings, reconstructions uint8 (N, 64, 64, 3), their captions, their metadata) -> marker entries
+Evaluate = Callable[[Path, "Settings", np.ndarray, list[str], list[dict]], dict]
+
+
+def build_shapes_base(out_dir: Path | str, settings: Settings = Settings(), *, evaluate: Evaluate,
+                      overwrite: bool = False) -> dict:
+    """Build (or find cached) the shapes base model at `out_dir`; returns its marker (settings, `evaluate`'s figures,
+    times)."""
     out_dir = Path(out_dir).absolute()
     wanted = json.loads(json.dumps({"format": FORMAT, **dataclasses.asdict(settings)}))  # as the marker stores it
     found = _marker(out_dir)
@@ -327,15 +292,15 @@ def build_shapes_base(out_dir: Path | str, settings: Settings = Settings(), *, o
     caption_ids = torch.tensor([prompts.index(c) for c in captions])
     times["data_s"] = time.perf_counter() - start
 
-    with _seeded(s.seed, 4):
+    with seeded(s.seed, 4):
         vae = new_vae()
     vae_losses = train_vae(vae, pixels, s, generator)
     latents = fold_latent_normalisation(vae, latent_means(vae, pixels))
-    vae_exact = reconstruction_exact(vae, latents[:256], captions[:256], metadata[:256])
-    print(f"VAE: exact accuracy of reconstructions {vae_exact:.3f}", flush=True)
+    with torch.no_grad():
+        reconstructions = to_uint8_images(vae.decode(latents[:256]).sample).numpy()
     times["vae_s"] = time.perf_counter() - start - times["data_s"]
 
-    with _seeded(s.seed, 5):
+    with seeded(s.seed, 5):
         transformer = new_transformer(s.heads)
     ema, losses = train_transformer(transformer, latents, caption_ids, embeds, len(prompts), s, generator)
     transformer.load_state_dict(ema)
@@ -351,14 +316,13 @@ def build_shapes_base(out_dir: Path | str, settings: Settings = Settings(), *, o
     try:
         pipe.save_pretrained(tmp)
         evaluation_start = time.perf_counter()
-        accuracy = evaluate(tmp, s)
+        figures = evaluate(tmp, s, reconstructions, captions[:256], metadata[:256])
         times["eval_s"] = time.perf_counter() - evaluation_start
         times["total_s"] = time.perf_counter() - start
         marker = {
             "settings": wanted,
             "job_config": {"model.family": "sd3", "model.resolution": 64, "model.max_sequence_length": T5_LENGTH},
-            **accuracy,
-            "vae_exact": vae_exact,
+            **figures,
             "vae_loss_last50": float(np.mean(vae_losses[-50:])),
             "loss_last100": float(np.mean(losses[-100:])),
             **{k: round(v, 1) for k, v in times.items()},
@@ -368,32 +332,3 @@ def build_shapes_base(out_dir: Path | str, settings: Settings = Settings(), *, o
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return marker
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line: build (or find) the base model and print its accuracies."""
-    parser = argparse.ArgumentParser(prog="python -m rollout.pretrain_shapes", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="model folder to write")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="a few iterations only (tests)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a folder built with other settings")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads (1 is faster on a machine whose cores are busy with other work)")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    settings = quick_settings(args.seed) if args.quick else Settings(seed=args.seed)
-    start = time.perf_counter()
-    try:
-        marker = build_shapes_base(args.out, settings, overwrite=args.overwrite)
-    except FileExistsError as err:
-        parser.exit(2, f"error: {err}\n")
-    print(f"shapes base model at {args.out.absolute()} ({time.perf_counter() - start:.1f} s this call; "
-          f"built in {marker['total_s']:.0f} s)")
-    for guidance, found in marker["by_guidance"].items():
-        print(f"  exact accuracy, 10-step ODE, guidance {guidance}: train {found['train_exact']:.3f}, "
-              f"held-out {found['heldout_exact']:.3f}")
-    print(f"  recommended guidance {marker['guidance_scale']}; VAE reconstructions {marker['vae_exact']:.3f} exact")
-
-
-if __name__ == "__main__":
-    main()

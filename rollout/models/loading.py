@@ -1,0 +1,188 @@
+"""The model families and how a model is found and loaded: a local diffusers folder or a hub id, one adapter per family.
+
+Everything that needs the configured model goes through `locate_configured` / `load_configured`: they build the
+offline tiny model first when `model.build_tiny` asks for it, so preflight, driver, rollout workers and learner ranks
+find the same folder in the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cluster.config import MODEL_FAMILIES, ModelConfig
+from rollout.models.contract import FlowModel
+from rollout.models.flux import FluxModel
+from rollout.models.sd3 import SD3Model
+
+# The adapter of each family of cluster.config.MODEL_FAMILIES, in that order.
+ADAPTERS: dict[str, type[FlowModel]] = dict(zip(MODEL_FAMILIES, (FluxModel, SD3Model), strict=True))
+PARTS: tuple[str, ...] = ("text", "vae", "transformer")
+
+
+class ModelLoadError(RuntimeError):
+    """A model folder or hub id could not be loaded (missing, not cached with downloads off, or unreachable)."""
+
+
+def adapter(family: str) -> type[FlowModel]:
+    """The adapter class of a model family."""
+    if family not in ADAPTERS:
+        raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(ADAPTERS)}")
+    return ADAPTERS[family]
+
+
+# Files whose presence shows a component folder is usable (transformers 5 silently builds an empty tokenizer otherwise).
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "spiece.model")
+
+
+def _component_problem(folder: Path, cls: type) -> str | None:
+    """Why `folder` cannot hold a `cls` component, or None if it looks complete."""
+    if not folder.is_dir():
+        return "missing"
+    if issubclass(cls, torch.nn.Module):
+        return None if (folder / "config.json").is_file() else "has no config.json"
+    if any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    return f"has no tokenizer file ({' / '.join(_TOKENIZER_FILES)})"
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    """Whether `path` could name a hub model ('name' or 'org/name'), rather than only a local folder."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _resolve_hub_id(repo_id: str, subfolders: Collection[str], allow_download: bool) -> Path:
+    """The local snapshot folder of a hub model (only the needed subfolders), from the cache or downloaded."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                local_files_only=not allow_download,
+                allow_patterns=["model_index.json", *(f"{sub}/*" for sub in subfolders)],
+            )
+        )
+    except Exception as err:  # any failure to fetch becomes one clear message; the cause stays chained
+        if not allow_download:
+            raise ModelLoadError(
+                f"model.path {repo_id!r} is neither a local folder nor a model in the local Hugging Face cache, "
+                f"and downloads are off: set model.allow_download=true to fetch it, or point model.path at a "
+                f"local diffusers folder"
+            ) from err
+        if constants.is_offline_mode():
+            raise ModelLoadError(
+                f"could not fetch {repo_id!r} from the Hugging Face Hub: it is not in the local cache and "
+                f"HF_HUB_OFFLINE=1 turns downloads off; unset HF_HUB_OFFLINE to fetch it, or point model.path at a "
+                f"local diffusers folder"
+            ) from err
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise ModelLoadError(
+            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {reason}); check the id, "
+            f"your access to it and the network, or point model.path at a local diffusers folder"
+        ) from err
+
+
+def _load_component(cls: type, folder: Path, subfolder: str, dtype: torch.dtype) -> Any:
+    """`from_pretrained` of one pipeline component from a local folder; weights in `dtype`, tokenizers as they are."""
+    kwargs: dict[str, Any] = dict(subfolder=subfolder, local_files_only=True)
+    if issubclass(cls, torch.nn.Module):
+        # diffusers models take torch_dtype, transformers 5 models take dtype
+        kwargs["torch_dtype" if cls.__module__.startswith("diffusers") else "dtype"] = dtype
+    return cls.from_pretrained(str(folder), **kwargs)
+
+
+def locate_model(
+    path: str, family: str, *, allow_download: bool = False, parts: Collection[str] = PARTS
+) -> tuple[Path, dict[str, type]]:
+    """The local folder holding the model's `parts` (resolving a hub id through the cache) and the component classes
+    to load from it; ModelLoadError, naming what is missing, before anything is loaded."""
+    model_class = adapter(family)
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {sorted(parts)}")
+    wanted = {sub: cls for sub, (part, cls) in model_class.components.items() if part in parts}
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ModelLoadError(f"model.path {str(path)!r} is a file; expected a diffusers folder (model_index.json, "
+                             f"transformer/, vae/, ...) or a hub id")
+    if not folder.is_dir():
+        if not _looks_like_hub_id(str(path)):
+            raise ModelLoadError(
+                f"model.path {str(path)!r}: no such folder (and not a hub id like 'org/name'); point model.path at "
+                f"a local diffusers folder, or give a hub id in the local Hugging Face cache (or with "
+                f"model.allow_download=true)"
+            )
+        folder = _resolve_hub_id(str(path), wanted, allow_download)
+    problems = {sub: why for sub, cls in wanted.items() if (why := _component_problem(folder / sub, cls))}
+    if problems:
+        listed = "; ".join(f"subfolder {sub!r} {why}" for sub, why in problems.items())
+        raise ModelLoadError(
+            f"model.path {str(path)!r}: the {family} model there is incomplete: {listed} "
+            f"(parts {sorted(parts)} need {', '.join(wanted)}); is model.family right?"
+        )
+    return folder, wanted
+
+
+def load_flow_model(
+    path: str,
+    family: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    allow_download: bool = False,
+    parts: Collection[str] = PARTS,
+    max_sequence_length: int | None = None,
+) -> FlowModel:
+    """Load a FLUX.1 / SD3.5 model from a local diffusers folder or a hub id; `parts` picks what to load.
+
+    A path that is not an existing folder is taken as a hub id and read from the local Hugging Face cache, or
+    downloaded (only the needed subfolders) when `allow_download`. The learner loads only ("transformer",).
+    """
+    model_class = adapter(family)
+    folder, wanted = locate_model(path, family, allow_download=allow_download, parts=parts)
+
+    modules: dict[str, Any] = {}
+    for sub, cls in wanted.items():
+        try:
+            module = _load_component(cls, folder, sub, dtype)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"could not load {sub!r} of the {family} model at {path}: {err}") from err
+        if isinstance(module, torch.nn.Module):
+            module.to(device).eval()
+            if sub != "transformer":  # frozen: only the transformer is ever trained
+                module.requires_grad_(False)
+        modules[sub] = module
+    return model_class(modules, dtype=dtype, device=device, max_sequence_length=max_sequence_length)
+
+
+def locate_configured(m: ModelConfig, parts: Collection[str] = PARTS) -> tuple[Path, dict[str, type]]:
+    """`locate_model` for the job's model section; with `model.build_tiny` the tiny model is built at `model.path`
+    first when that folder is missing or empty (on whichever node asks), and refused when it holds another one."""
+    if m.build_tiny:
+        from rollout.models.tiny import ensure_tiny
+
+        try:
+            ensure_tiny(m.family, Path(m.path), seed=m.tiny_seed)
+        except OSError as e:
+            raise ModelLoadError(f"model.path {m.path!r}: cannot build the tiny model there ({e}); give a folder "
+                                 f"that can be created") from None
+    return locate_model(m.path, m.family, allow_download=m.allow_download, parts=parts)
+
+
+def load_configured(m: ModelConfig, *, dtype: torch.dtype, device: str,
+                    parts: Collection[str] = PARTS) -> FlowModel:
+    """The job's model (`parts` of it) in `dtype` on `device`, found as `locate_configured` finds it."""
+    folder, _ = locate_configured(m, parts)
+    return load_flow_model(str(folder), m.family, dtype=dtype, device=device, parts=parts,
+                           max_sequence_length=m.max_sequence_length)
