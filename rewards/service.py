@@ -4,9 +4,9 @@ For each scorer of `rewards.scorers`, `rewards.num_actors` ScorerActor processes
 `num_gpus_per_actor` each) build the scorer once. A group's images go into the object store once; each scorer's
 pool gets the group as contiguous batches, one per actor, sent to the least busy actors. Each call gets `timeout_s`
 of its own: it must answer within timeout_s × (1 + calls queued ahead of it on its actor) of being sent, or its actor
-is killed (Ray restarts it, up to `rewards.max_restarts`); a batch whose actor died or hung is retried on another actor, at
-most `max_retries` times. A NaN/inf score, a scorer exception or exhausted retries fail the whole group with a RewardError
-that names it: a group is never scored 0. The driver either calls `score` (blocking) or `submit`s groups as they
+is killed (Ray restarts it, up to `rewards.max_restarts`); a batch whose actor died or hung is retried on another
+actor, at most `max_retries` times. A NaN/inf score, a scorer exception or exhausted retries fail the whole group with
+a RewardError that names it: a group is never scored 0. The driver either calls `score` (blocking) or `submit`s groups as they
 arrive and `wait`s / `collect`s them.
 """
 

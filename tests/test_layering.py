@@ -13,7 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("cluster", "rollout", "rewards", "learner")
 # Which packages each package may import besides itself; bench/ scripts sit above all of them.
-ALLOWED = {"cluster": set(), "rollout": {"cluster"}, "rewards": {"cluster"}, "learner": {"rollout", "rewards", "cluster"}}
+ALLOWED = {"cluster": set(), "rollout": {"cluster"}, "rewards": {"cluster"},
+           "learner": {"rollout", "rewards", "cluster"}}
 SCANNED = PACKAGES + ("bench",)
 # Calls that hand Ray an actor's resources, restarts, name or placement: only cluster/ makes them.
 RAY_OPTION_CALLS = ("ray.remote", "ray.actor", ".options")
