@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Optional, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # The one list of each vocabulary: the config's choices below and the code that dispatches on them derive from these.
 MODEL_FAMILIES = ("flux", "sd3")
@@ -22,6 +22,8 @@ LOG_PROB_FORMS = ("gaussian", "squared")
 FILE_SOURCES = ("text", "geneval_jsonl")  # prompt sources read from `path`
 EVAL_SOURCES = ("builtin", *FILE_SOURCES, "shapes_train", "shapes_heldout", "shapes_all")
 DATA_SOURCES = (*EVAL_SOURCES, "geneval_generate")  # training prompts may also be generated
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement-group strategies
+RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")  # set by num_*_per_actor, not `resources`
 
 
 class ConfigError(Exception):
@@ -71,12 +73,36 @@ class SamplerConfig(Section):
     fast_window: Optional[FastWindow] = None
 
 
+def _custom_resources(resources: dict[str, float] | None) -> dict[str, float] | None:
+    """Custom resource names (not CPU, GPU or memory, which have fields of their own) with positive amounts."""
+    for name, amount in (resources or {}).items():
+        if not name or name in RESERVED_RESOURCES:
+            raise ValueError(f"{name!r} is not a custom resource name (CPUs and GPUs are num_*_per_actor)")
+        if not amount > 0:
+            raise ValueError(f"{name}: {amount} must be > 0")
+    return resources
+
+
 class PoolConfig(Section):
-    """Resources of one pool of Ray actors."""
+    """One pool of Ray actors, reserved as one placement group with a bundle per actor (cluster/pools.py)."""
 
     num_actors: int = Field(1, ge=1)
     num_gpus_per_actor: float = Field(0.0, ge=0.0)
     num_cpus_per_actor: float = Field(1.0, gt=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom resources added to each actor's "
+                                        "bundle, e.g. {rollout_node: 0.01} or {'accelerator_type:H100': 0.001}")
+    placement_strategy: Literal[PLACEMENT_STRATEGIES] = Field(
+        "PACK", description="how the pool's bundles spread over nodes (Ray's placement-group strategies)")
+
+    @field_validator("resources")
+    @classmethod
+    def _check_resources(cls, resources: dict[str, float] | None) -> dict[str, float] | None:
+        return _custom_resources(resources)
+
+    def bundle(self) -> dict[str, float]:
+        """What one actor of the pool reserves: its CPUs, GPUs (if any) and custom resources."""
+        gpus = {"GPU": self.num_gpus_per_actor} if self.num_gpus_per_actor else {}
+        return {"CPU": self.num_cpus_per_actor, **gpus, **self.resources}
 
 
 class RestartablePoolConfig(PoolConfig):
@@ -87,18 +113,38 @@ class RestartablePoolConfig(PoolConfig):
 
 class RolloutConfig(RestartablePoolConfig):
     samples_per_forward: int = Field(8, ge=1, description="trajectories batched into one transformer forward")
+    node_wait_s: float = Field(300.0, ge=0.0, description="after a node loss leaves no rollout actor, how long to "
+                               "wait for a node to take them before the job stops")
 
 
 class RewardSpec(Section):
+    """One scorer; its actors take the reward pool's resources unless its own entry overrides them."""
+
     name: str = Field(pattern=r"^[a-z][a-z0-9_]*$")
     weight: float = 1.0
     options: dict[str, Any] = Field(default_factory=dict)
+    num_actors: Optional[int] = Field(None, ge=1)
+    num_gpus_per_actor: Optional[float] = Field(None, ge=0.0)
+    num_cpus_per_actor: Optional[float] = Field(None, gt=0.0)
+    resources: Optional[dict[str, float]] = None
+
+    @field_validator("resources")
+    @classmethod
+    def _check_resources(cls, resources: dict[str, float] | None) -> dict[str, float] | None:
+        return _custom_resources(resources)
 
 
 class RewardsConfig(RestartablePoolConfig):
     scorers: list[RewardSpec] = Field(min_length=1)
     timeout_s: float = Field(120.0, gt=0.0)
     max_retries: int = Field(2, ge=0)
+
+    def pool_of(self, scorer: RewardSpec) -> RestartablePoolConfig:
+        """The pool of one scorer's actors: the reward pool's settings with the scorer's own overrides."""
+        own = {field: getattr(scorer, field) for field in ("num_actors", "num_gpus_per_actor", "num_cpus_per_actor",
+                                                           "resources") if getattr(scorer, field) is not None}
+        shared = {field: getattr(self, field) for field in RestartablePoolConfig.model_fields}
+        return RestartablePoolConfig(**{**shared, **own})
 
 
 class LoraConfig(Section):
@@ -167,6 +213,9 @@ class EvalConfig(Section):
 class CheckpointConfig(Section):
     every_n_iterations: int = Field(0, ge=0, description="0: only at the end")
     keep_last: int = Field(2, ge=1)
+    storage: Optional[str] = Field(None, description="folder of the checkpoints, which every learner rank writes its "
+                                   "own shard into (on a cluster: storage every learner node can write); None: "
+                                   "output_dir/checkpoints")
     resume: str = Field("none", description="'none', 'auto' (latest in output_dir) or a checkpoint folder")
 
 
@@ -186,6 +235,8 @@ class RayConfig(Section):
     num_gpus: Optional[int] = Field(None, ge=0, description="local Ray only; None: detected")
     namespace: str = "flowrl"
     include_dashboard: bool = False
+    placement_timeout_s: float = Field(60.0, gt=0.0, description="how long a pool may wait for its placement group "
+                                       "before the job stops (the nodes' free resources are then listed)")
 
 
 class JobConfig(Section):
@@ -276,8 +327,10 @@ def _cross_field_problems(cfg: JobConfig) -> list[str]:
     for dup in sorted({x for x in names if names.count(x) > 1}):
         p.append(f"rewards.scorers: '{dup}' is listed more than once; each scorer once, with its weight")
 
-    for pool in ("rollout", "rewards", "learner"):
-        g = getattr(cfg, pool).num_gpus_per_actor
+    gpus = {pool: getattr(cfg, pool).num_gpus_per_actor for pool in ("rollout", "rewards", "learner")}
+    gpus.update({f"rewards.scorers.{i}": s.num_gpus_per_actor for i, s in enumerate(cfg.rewards.scorers)
+                 if s.num_gpus_per_actor is not None})
+    for pool, g in gpus.items():
         if g > 1 and not float(g).is_integer():
             p.append(f"{pool}.num_gpus_per_actor = {g}: above 1 Ray needs a whole number of GPUs")
     return p

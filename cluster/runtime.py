@@ -6,6 +6,7 @@ Ray binds to the machine's network address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUS
 
 from __future__ import annotations
 
+import json
 import os
 
 from cluster.config import JobConfig, RayConfig
@@ -15,6 +16,16 @@ LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 class ClusterTooSmall(RuntimeError):
     """The configured pools ask for more CPUs or GPUs than the Ray cluster has."""
+
+
+def runs_in_a_copy() -> bool:
+    """Whether this process is a job submitted with a working folder (`ray job submit --working-dir`): it then runs
+    in Ray's temporary copy of the submitted folder, which goes away with the job."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    try:
+        return bool(raw and json.loads(raw).get("runtime_env", {}).get("working_dir"))
+    except (ValueError, AttributeError):
+        return False
 
 
 def joins_cluster(cfg: RayConfig) -> bool:
@@ -58,17 +69,19 @@ def metrics_endpoint(discovery: bool) -> str:
 
 
 def pool_demand(cfg: JobConfig) -> dict[str, dict[str, float]]:
-    """CPUs and GPUs each pool asks for: actors x per-actor resources (the reward pool once per scorer)."""
-    pools = {"rollout": (cfg.rollout, 1), "rewards": (cfg.rewards, len(cfg.rewards.scorers)), "learner": (cfg.learner, 1)}
+    """CPUs and GPUs each pool asks for: actors x per-actor resources (the reward pool summed over its scorers)."""
+    pools = {"rollout": [cfg.rollout], "rewards": [cfg.rewards.pool_of(s) for s in cfg.rewards.scorers],
+             "learner": [cfg.learner]}
     return {
-        name: {"CPU": pool.num_actors * copies * pool.num_cpus_per_actor,
-               "GPU": pool.num_actors * copies * pool.num_gpus_per_actor}
-        for name, (pool, copies) in pools.items()
+        name: {"CPU": sum(p.num_actors * p.num_cpus_per_actor for p in parts),
+               "GPU": sum(p.num_actors * p.num_gpus_per_actor for p in parts)}
+        for name, parts in pools.items()
     }
 
 
 def check_pools_fit(cfg: JobConfig, available: dict[str, float]) -> None:
-    """Raise ClusterTooSmall, naming each pool's share, before any actor waits forever for resources."""
+    """Raise ClusterTooSmall, naming each pool's share, when the cluster's totals cannot hold the pools (on one node
+    that is the whole check; across nodes cluster.pools also checks each pool's bundles against every node)."""
     demand = pool_demand(cfg)
     problems = []
     for res in ("CPU", "GPU"):

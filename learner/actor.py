@@ -26,6 +26,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ from learner.batch import (
     sort_batch,
     update_plan,
 )
-from learner.checkpoint import fill_live
+from learner.checkpoint import export_lora, fill_live, load_tree, rank_stem, save_tree
 from learner.ema import Ema
 from learner.group import DistributedActor
 from learner.grpo import nonzero_advantage_indices
@@ -49,7 +50,7 @@ from learner.loss import UpdateStats, adapter_disabled, log_prob_scale, step_los
 from rollout.models.contract import FlowModel, PromptEmbeds
 from rollout.models.loading import load_configured
 from rollout.sampling.trajectory import Trajectories
-from rollout.weights import add_lora, apply_policy_state, policy_state, publish_weights
+from rollout.weights import add_lora, apply_policy_state, pack_state, policy_state, publish_weights
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -329,6 +330,16 @@ class LearnerActor(DistributedActor):
         """The policy weights as published (peft LoRA keys, or the full state), CPU copies; all ranks call."""
         return self._policy_state(everyone=True)
 
+    def packed_ema(self) -> tuple[list[Any], list] | None:
+        """The EMA weights put in the object store as one flat buffer, `([ref], meta)` as rollout workers take them;
+        None off rank 0 or when the EMA is off."""
+        import ray
+
+        if self.ema is None:
+            return None
+        buffer, meta = pack_state(self.ema.weights)
+        return [ray.put(buffer)], meta
+
     def ema_state(self) -> dict[str, torch.Tensor] | None:
         """The EMA weights (CPU float32, same keys as `trainable_state`) on rank 0; None elsewhere or when disabled."""
         return None if self.ema is None else {k: v.clone() for k, v in self.ema.weights.items()}
@@ -347,6 +358,22 @@ class LearnerActor(DistributedActor):
         return {"weights": self.trainable_state(), "optimizer": self.optimizer_state(),
                 "ema": self.ema.state_dict() if self.ema is not None else None, "counters": self.counters(),
                 "torch_rng": torch.get_rng_state()}  # only LoRA dropout draws from it
+
+    def save_shard(self, folder: str) -> dict[str, Any]:
+        """Write this rank's `state()` into a checkpoint folder (rank 0 also exports the EMA LoRA); all ranks call at
+        once (ZeRO-3 gathers). Returns only the files' names and sizes: no model state goes to the caller."""
+        state = self.state()
+        stem = rank_stem(folder, self.rank)
+        save_tree(stem, state)
+        written = [stem.with_suffix(".safetensors"), stem.with_suffix(".json")]
+        if self.rank == 0 and self.cfg.learner.finetune == "lora":
+            export_lora(self.cfg, self.ema.weights if self.ema is not None else state["weights"], Path(folder) / "lora")
+            written += sorted(p for p in (Path(folder) / "lora").rglob("*") if p.is_file())
+        return {"rank": self.rank, "files": {p.name: p.stat().st_size for p in written}}
+
+    def load_shard(self, folder: str) -> None:
+        """Resume from this rank's shard of a checkpoint folder; all ranks call at once."""
+        self.load_state(load_tree(rank_stem(folder, self.rank)))
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Resume from this rank's `state()` (same world size and config); all ranks call at once."""

@@ -1,14 +1,18 @@
 """Checkpoints: one folder per iteration, written atomically (temporary folder + rename), tensors in safetensors and
 everything else in JSON — nothing is ever unpickled.
 
-    <output_dir>/checkpoints/iter-000004/
-        trainer.json                 iteration, policy version, prompt cursor, advantage statistics, config
+    <checkpoint.storage, default output_dir/checkpoints>/iter-000004/
         learner-rank0.safetensors    each learner rank's weights, optimizer (ZeRO partition), EMA, counters ...
-        learner-rank0.json           ... and the non-tensor structure around them
-        lora/                        the exported LoRA (EMA weights when EMA is on), for `pipe.load_lora_weights(dir)`
+        learner-rank0.json           ... and the non-tensor structure around them, written by that rank itself
+        lora/                        the exported LoRA (EMA weights when EMA is on), for `pipe.load_lora_weights(dir)`,
+                                     written by rank 0
+        trainer.json                 iteration, policy version, prompt cursor, advantage statistics, config: written
+                                     by the driver last, once every shard is there
 
-`trainer.json` is written last inside the temporary folder, and the folder is renamed into place only when complete,
-so a run stopped mid-write leaves the previous checkpoint intact and no folder that looks complete.
+The ranks write their shards into a temporary folder (`begin_checkpoint`); the driver, which never holds model state,
+checks that every shard is there, writes `trainer.json` and renames the folder into place (`finish_checkpoint`). A
+run stopped mid-write leaves the previous checkpoint intact and no folder that looks complete; on a cluster the
+storage must be a folder every learner node and the driver can reach.
 """
 
 from __future__ import annotations
@@ -104,33 +108,51 @@ def load_tree(stem: Path) -> Any:
 
 
 def checkpoint_root(cfg: JobConfig) -> Path:
-    return Path(cfg.output_dir) / "checkpoints"
+    """Where the job's checkpoints go: `checkpoint.storage`, or output_dir/checkpoints."""
+    return Path(cfg.checkpoint.storage) if cfg.checkpoint.storage else Path(cfg.output_dir) / "checkpoints"
 
 
-def save_checkpoint(cfg: JobConfig, iteration: int, trainer: dict[str, Any], rank_states: list[Any],
-                    lora_export: dict[str, torch.Tensor] | None) -> Path:
-    """Write the checkpoint of `iteration` atomically and keep only the newest `checkpoint.keep_last`."""
+def rank_stem(folder: Path | str, rank: int) -> Path:
+    """The shard of learner rank `rank` in a checkpoint folder (`save_tree` adds .safetensors and .json)."""
+    return Path(folder) / f"learner-rank{rank}"
+
+
+def begin_checkpoint(cfg: JobConfig, iteration: int) -> Path:
+    """A fresh temporary folder for the checkpoint of `iteration`, for the ranks to write their shards into; the
+    leftovers of a writer killed earlier go first (they never count as checkpoints)."""
     root = checkpoint_root(cfg)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-iter-*"):  # left by a process killed mid-write: never a checkpoint
+    for stale in root.glob(".tmp-iter-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    final = root / f"iter-{iteration:06d}"
-    tmp = root / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp = root / f".tmp-iter-{iteration:06d}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    return tmp
+
+
+def write_trainer(folder: Path, trainer: dict[str, Any]) -> None:
+    """The driver's part of a checkpoint, written after every shard: what makes the folder a checkpoint."""
+    (folder / TRAINER_FILE).write_text(json.dumps(trainer, indent=1))
+
+
+def finish_checkpoint(cfg: JobConfig, tmp: Path, iteration: int, trainer: dict[str, Any], world_size: int) -> Path:
+    """Check that every rank's shard is in `tmp`, write trainer.json, rename the folder into place, and keep only the
+    newest `checkpoint.keep_last`; the temporary folder goes whatever fails."""
+    final = tmp.parent / f"iter-{iteration:06d}"
     try:
-        for rank, state in enumerate(rank_states):
-            save_tree(tmp / f"learner-rank{rank}", state)
-        if lora_export is not None:
-            export_lora(cfg, lora_export, tmp / "lora")
-        trainer = dict(trainer, iteration=iteration, world_size=len(rank_states), config=cfg.model_dump(mode="json"))
-        (tmp / TRAINER_FILE).write_text(json.dumps(trainer, indent=1))
+        missing = [rank for rank in range(world_size)
+                   if not all(rank_stem(tmp, rank).with_suffix(s).is_file() for s in (".safetensors", ".json"))]
+        if missing:
+            raise CheckpointError(f"{tmp}: learner ranks {missing} wrote no shard there; checkpoint.storage must be a "
+                                  f"folder that every learner node and the driver see")
+        write_trainer(tmp, dict(trainer, iteration=iteration, world_size=world_size,
+                                config=cfg.model_dump(mode="json")))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(root)[:-cfg.checkpoint.keep_last]:
+    for old in list_checkpoints(tmp.parent)[:-cfg.checkpoint.keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -169,13 +191,13 @@ def resolve_resume(cfg: JobConfig, resume: str) -> Path | None:
     return folder
 
 
-def load_checkpoint(folder: Path, world_size: int) -> tuple[dict[str, Any], list[Any]]:
-    """(trainer dict, per-rank learner states) of a checkpoint written with the same number of learner ranks."""
+def load_trainer(folder: Path, world_size: int) -> dict[str, Any]:
+    """The driver's part of a checkpoint written with the same number of learner ranks (each rank reads its own)."""
     trainer = json.loads((folder / TRAINER_FILE).read_text())
     if trainer.get("world_size") != world_size:
         raise CheckpointError(f"{folder} was written by {trainer.get('world_size')} learner ranks; this job has "
                               f"{world_size} (learner.num_actors must match to resume)")
-    return trainer, [load_tree(folder / f"learner-rank{r}") for r in range(world_size)]
+    return trainer
 
 
 def export_lora(cfg: JobConfig, state: dict[str, torch.Tensor], folder: Path) -> None:

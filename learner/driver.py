@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -17,36 +18,34 @@ from typing import Any, Callable
 import numpy as np
 import ray
 import torch
+from ray.exceptions import RayActorError
 from tqdm import tqdm
 
 from cluster.config import JobConfig
 from cluster.metrics import REWARD_EVENTS, STAGES, Recorder
+from cluster.runtime import joins_cluster
 from learner.actor import LearnerActor
-from learner.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from learner.checkpoint import (
+    begin_checkpoint,
+    checkpoint_root,
+    finish_checkpoint,
+    list_checkpoints,
+    load_trainer,
+    resolve_resume,
+)
+from learner.events import Events
 from learner.group import ActorGroup
+from learner.placement import check_where_placed, reserve_pools
+from learner.preflight import absolute_paths
 from rewards.service import GroupRewards, RewardError, RewardService
 from rollout.models.loading import locate_configured
 from rollout.pool import RolloutPool
 from rollout.prompts.groups import GroupSampler
 from rollout.prompts.sources import eval_prompts, training_prompts
 from rollout.sampling.trajectory import Trajectories
-from rollout.weights import pack_state, weight_store, weight_store_name
+from rollout.weights import weight_store, weight_store_name
 
-
-def absolute_paths(cfg: JobConfig) -> JobConfig:
-    """The config with local paths made absolute, so that actors (whatever their working folder) find them."""
-
-    def local(path: str | None) -> str | None:
-        return str(Path(path).resolve()) if path and Path(path).exists() else path
-
-    m = cfg.model
-    model_path = str(Path(m.path).resolve()) if m.build_tiny or Path(m.path).exists() else m.path
-    return cfg.model_copy(update={
-        "output_dir": str(Path(cfg.output_dir).resolve()),
-        "model": m.model_copy(update={"path": model_path}),
-        "data": cfg.data.model_copy(update={"path": local(cfg.data.path), "exclude_path": local(cfg.data.exclude_path)}),
-        "eval": cfg.eval.model_copy(update={"path": local(cfg.eval.path)}),
-    })
+NODE_WATCH_S = 5.0  # while waiting for rollouts, look for lost nodes this often
 
 
 class Job:
@@ -71,25 +70,39 @@ class Job:
 
         started = time.perf_counter()
         lc = cfg.learner
+        self.events = Events(say)
         with tqdm(total=4, desc="starting", unit="step", leave=False, disable=None) as bar:
-            bar.set_postfix_str("model")
-            locate_configured(cfg.model)
+            bar.set_postfix_str("placement")
+            pools = reserve_pools(cfg)  # every pool placed before any model loads
+            try:
+                if joins_cluster(cfg.ray):  # the files the actors read, checked on their nodes
+                    for line in check_where_placed(cfg, pools):
+                        say(line)
+                else:
+                    locate_configured(cfg.model)
+            except BaseException:
+                for pool in pools.values():
+                    pool.shutdown()
+                raise
             bar.update(1)
             bar.set_postfix_str("rollout actors")
             store_key = f"{cfg.run_name}-{uuid.uuid4().hex[:8]}"  # two jobs on one cluster never share a store
             self.store = weight_store(store_key)
-            self.pool = RolloutPool(cfg, weight_store_name(store_key))
+            self.pool = RolloutPool(cfg, weight_store_name(store_key), actors=pools["rollout"],
+                                    report=self.events.report)
             negative = self.pool.negative_embeds()
             bar.update(1)
             bar.set_postfix_str("reward actors")
-            self.rewards = RewardService(cfg.rewards, metrics=cfg.metrics.enabled)
+            self.rewards = RewardService(cfg.rewards, metrics=cfg.metrics.enabled, report=self.events.report,
+                                         pools={s.name: pools[f"rewards/{s.name}"] for s in cfg.rewards.scorers})
             bar.update(1)
             bar.set_postfix_str("learner")
-            self.learner = ActorGroup(LearnerActor, lc)
-            info = ray.get(self.learner.run("setup", cfg, negative, self.store))[0]
+            self.learner = ActorGroup(LearnerActor, lc, actors=pools["learner"])
+            info = self.learner_get(self.learner.run("setup", cfg, negative, self.store))[0]
             bar.update(1)
+        scorer_actors = sum(cfg.rewards.pool_of(s).num_actors for s in cfg.rewards.scorers)
         say(f"actors up in {time.perf_counter() - started:.1f} s: {self.pool.num_workers} rollout, "
-            f"{len(cfg.rewards.scorers) * cfg.rewards.num_actors} reward, {lc.num_actors} learner "
+            f"{scorer_actors} reward, {lc.num_actors} learner "
             f"(ZeRO-{lc.zero_stage}, {lc.precision}, {info['trainable_parameters']:,} trainable parameters)")
         self.iteration = 0
         self.last_advantages: dict[str, float] = {}
@@ -101,14 +114,14 @@ class Job:
         """Continue from a checkpoint ('auto': the newest in output_dir, if any); then publish the weights in force."""
         folder = resolve_resume(self.cfg, resume)
         if folder is not None:
-            trainer, states = load_checkpoint(folder, len(self.learner))
-            ray.get([actor.load_state.remote(state) for actor, state in zip(self.learner.actors, states)])
+            trainer = load_trainer(folder, len(self.learner))
+            self.learner_get(self.learner.run("load_shard", str(folder)))  # each rank reads its own shard
             self.sampler.load_state_dict(trainer["prompt_cursor"])
             self.iteration = trainer["iteration"]
             self.last_advantages = trainer.get("advantages", {})
             self.trim_history()
             self.say(f"resumed from {folder} at iteration {self.iteration}")
-        ray.get(self.learner.run("publish"))
+        self.learner_get(self.learner.run("publish"))
 
     def trim_history(self) -> None:
         """Drop the history lines of iterations after the checkpoint resumed from (they are trained again), and a
@@ -141,7 +154,7 @@ class Job:
             version_before = self.policy_version()
             refs = [ray.put(t) for t in batch]
             started = time.perf_counter()
-            stats = ray.get(self.learner.run("train_iteration", refs, [r.total for r in rewards]))[0]
+            stats = self.learner_get(self.learner.run("train_iteration", refs, [r.total for r in rewards]))[0]
             times["train"] = time.perf_counter() - started
             times["weight_sync"] = stats["publish_s"]
             self.iteration += 1
@@ -153,6 +166,8 @@ class Job:
                 next_cursor = self.sampler.state_dict()
                 self.pool.submit(self.sampler.take(self.groups_per_iteration))
             summary = self.summarise(batch, rewards, stats, times, version_before)
+            self.events.watch_nodes()
+            summary["events"] = self.events.take()
             if cfg.eval.every_n_iterations and (self.iteration % cfg.eval.every_n_iterations == 0
                                                 or self.iteration == cfg.iterations):
                 started = time.perf_counter()
@@ -204,9 +219,12 @@ class Job:
         with tqdm(total=self.groups_per_iteration, desc=f"rollout {self.iteration + 1}", unit="group",
                   leave=False, disable=None) as bar:
             while len(trajectories) < self.groups_per_iteration:
-                traj = self.pool.next_result()
+                traj = self.pool.next_result(timeout=NODE_WATCH_S)
                 if traj is None:
-                    raise RuntimeError("the rollout pool has nothing pending but the iteration is not complete")
+                    if not self.pool.pending:
+                        raise RuntimeError("the rollout pool has nothing pending but the iteration is not complete")
+                    self.events.watch_nodes()  # a slow group, or a lost node: say which
+                    continue
                 trajectories[traj.group_id] = traj
                 n = traj.group_size
                 handles[traj.group_id] = self.rewards.submit(traj.images.numpy(), [traj.prompt] * n,
@@ -226,8 +244,20 @@ class Job:
             raise RuntimeError(f"every group of iteration {self.iteration + 1} failed its reward")
         return batch, rewards, {"rollout": rollout_done - started, "reward": time.perf_counter() - rollout_done}
 
+    def learner_get(self, refs: list[ray.ObjectRef]) -> list[Any]:
+        """The results of learner calls; a learner rank that died (its node lost, say) stops the job with a message
+        that says how to go on: a learner never restarts, its state lives in the last checkpoint."""
+        try:
+            return ray.get(refs)
+        except RayActorError as err:
+            last = list_checkpoints(checkpoint_root(self.cfg))
+            since = f"the last checkpoint is {last[-1]}" if last else "there is no checkpoint yet"
+            raise TrainingStopped(f"a learner rank is gone ({(str(err).strip().splitlines() or [''])[0][:160]}); "
+                                  f"{since}: run the same command with --resume auto (on a cluster with room for "
+                                  f"the learner pool) to continue from it") from None
+
     def policy_version(self) -> int:
-        return int(ray.get(self.learner.actors[0].counters.remote())["optimizer_steps"])
+        return int(self.learner_get([self.learner.actors[0].counters.remote()])[0]["optimizer_steps"])
 
     def summarise(self, batch: list[Trajectories], rewards: list[GroupRewards], stats: dict[str, Any],
                   times: dict[str, float], version_before: int) -> dict[str, Any]:
@@ -250,6 +280,7 @@ class Job:
             "rewards_std": {name: float(s.std()) for name, s in scores.items()},
             "zero_std_group_frac": stats.get("zero_std_group_frac", 0.0),
             "staleness": max(version_before - t.policy_version for t in batch),
+            "sampled_policy_versions": sorted({t.policy_version for t in batch}),
             **learner,
         }
 
@@ -293,11 +324,7 @@ class Job:
         cfg = self.cfg
         items = eval_prompts(cfg.eval)
         seeds = [cfg.eval.seed + i for i in range(len(items))]
-        ema = ray.get(self.learner.actors[0].ema_state.remote())
-        weights = None
-        if ema is not None:
-            buffer, meta = pack_state(ema)
-            weights = ([ray.put(buffer)], meta)
+        weights = self.learner_get([self.learner.actors[0].packed_ema.remote()])[0]  # (refs, meta): the weights stay out of here
         images = self.pool.sample_eval([i.prompt for i in items], seeds, weights)
         scored = self.rewards.score(images.numpy(), [i.prompt for i in items], [i.metadata for i in items],
                                     group_id=-self.iteration)
@@ -313,14 +340,18 @@ class Job:
         return result
 
     def checkpoint(self, cursor: dict[str, Any]) -> Path:
-        """Every rank's state, the prompt cursor of the next batch, and the exported (EMA) LoRA."""
-        states = ray.get(self.learner.run("state"))
-        export = None
-        if self.cfg.learner.finetune == "lora":
-            export = ray.get(self.learner.actors[0].ema_state.remote()) or states[0]["weights"]
-        trainer = {"policy_version": states[0]["counters"]["optimizer_steps"], "prompt_cursor": cursor,
+        """Each learner rank writes its own shard (rank 0 also the exported EMA LoRA) into the checkpoint's temporary
+        folder; then trainer.json (counters, the prompt cursor of the next batch) completes it. No model state passes
+        through the driver."""
+        tmp = begin_checkpoint(self.cfg, self.iteration)
+        try:
+            self.learner_get(self.learner.run("save_shard", str(tmp)))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        trainer = {"policy_version": self.policy_version(), "prompt_cursor": cursor,
                    "advantages": self.last_advantages}
-        return save_checkpoint(self.cfg, self.iteration, trainer, states, export)
+        return finish_checkpoint(self.cfg, tmp, self.iteration, trainer, len(self.learner))
 
 
 def _iteration_of(history_line: str) -> float:

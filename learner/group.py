@@ -78,11 +78,13 @@ class ActorGroup:
     """`cfg.num_actors` Ray actors of one `DistributedActor` subclass, built by the pool helper with `cfg`'s resources;
     `run` calls a method on all of them and returns the refs."""
 
-    def __init__(self, actor_cls: type[DistributedActor], cfg: PoolConfig) -> None:
-        pool = ActorPool("learner", actor_cls, cfg)
-        rank0 = pool.spawn(cfg.num_actors, 0)
+    def __init__(self, actor_cls: type[DistributedActor], cfg: PoolConfig, *, actors: ActorPool | None = None) -> None:
+        """`actors`: the learner pool's reserved placement (one bundle per rank; made here when not given)."""
+        self._pool = actors or ActorPool("learner", actor_cls, cfg)
+        rank0 = self._pool.spawn(cfg.num_actors, 0)
         addr, port = ray.get(rank0.master_address.remote())
-        self.actors = [rank0] + [pool.spawn(cfg.num_actors, rank, addr, port) for rank in range(1, cfg.num_actors)]
+        self.actors = [rank0] + [self._pool.spawn(cfg.num_actors, rank, addr, port)
+                                 for rank in range(1, cfg.num_actors)]
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -95,7 +97,6 @@ class ActorGroup:
         return [getattr(actor, method).remote(*args, **kwargs) for actor in self.actors]
 
     def kill(self) -> None:
-        """End every actor of the group."""
-        for actor in self.actors:
-            ray.kill(actor)
+        """End every actor of the group and give its reserved resources back."""
+        self._pool.shutdown()
         self.actors = []

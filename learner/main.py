@@ -25,6 +25,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--resume", metavar="DIR|auto|none",
                     help="continue from a checkpoint folder, or the newest in output_dir (overrides checkpoint.resume)")
     ap.add_argument("--check", action="store_true", help="validate the config, print it, and exit")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="run every check, place every pool and check its files on its node, then exit (no model "
+                         "is loaded)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     return ap.parse_args(argv)
 
@@ -33,21 +36,31 @@ def say(msg: str) -> None:
     print(f"[flowrl] {msg}", flush=True)
 
 
-def run(cfg: JobConfig, resume: str) -> None:
+def run(cfg: JobConfig, resume: str, dry_run: bool = False) -> None:
     """Check the inputs (learner/preflight.py), start or join Ray, check the pools fit, build the actors, train,
-    shut down."""
+    shut down. `dry_run`: stop after placing every pool and checking its files on its node."""
     import ray
 
-    from cluster.runtime import check_pools_fit, joins_cluster, metrics_endpoint, start_ray
+    from cluster.runtime import check_pools_fit, joins_cluster, metrics_endpoint, runs_in_a_copy, start_ray
     from learner.preflight import preflight
 
+    copy = " (Ray's copy of the submitted folder)" if runs_in_a_copy() else ""
+    say(f"relative paths resolve against {Path.cwd()}{copy}")
     preflight(cfg, resume)  # every check that needs no Ray: a bad input fails here, before anything starts
     say(start_ray(cfg.ray, cfg.metrics.port))
-    if cfg.metrics.enabled:
+    if cfg.metrics.enabled and not dry_run:
         say(f"metrics: {metrics_endpoint(discovery=joins_cluster(cfg.ray) or cfg.ray.include_dashboard)}")
     job = None
     try:
         check_pools_fit(cfg, ray.cluster_resources())
+        if dry_run:
+            from learner.placement import dry_run as check_placed
+
+            for line in check_placed(cfg):
+                say(line)
+            say("dry run: every check passed; nothing was loaded or trained")
+            return
+        from learner.checkpoint import checkpoint_root
         from learner.driver import Job
 
         job = Job(cfg, say)
@@ -58,7 +71,7 @@ def run(cfg: JobConfig, resume: str) -> None:
             first, last = history[0], history[-1]
             say(f"done: {len(history)} iterations in {time.perf_counter() - started:.1f} s, reward "
                 f"{first['reward_mean']:.4f} -> {last['reward_mean']:.4f}, policy version {last['policy_version']}; "
-                f"checkpoints in {Path(job.cfg.output_dir) / 'checkpoints'}")
+                f"checkpoints in {checkpoint_root(job.cfg)}")
         else:
             say(f"nothing to do: the run had already reached {cfg.iterations} iterations")
     finally:
@@ -83,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     say(f"{args.cfg}: valid ({cfg.model.family} at {cfg.model.path}, sampler {cfg.sampler.kind}, "
         f"{cfg.data.images_per_iteration // cfg.data.group_size} groups x {cfg.data.group_size} per iteration)")
     try:
-        run(cfg, args.resume or cfg.checkpoint.resume)
+        run(cfg, args.resume or cfg.checkpoint.resume, dry_run=args.dry_run)
     except Exception as e:  # one clear line unless --debug
         if args.debug:
             raise
@@ -94,12 +107,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the job's inputs (config, files, cluster size): exit code 2, like a bad config."""
+    from cluster.pools import PlacementError
     from cluster.runtime import ClusterTooSmall
     from learner.preflight import InputError
     from rollout.models.loading import ModelLoadError
 
-    # CheckpointError and PromptFileError are ValueErrors too
-    return (ValueError, FileNotFoundError, ClusterTooSmall, ModelLoadError, InputError)
+    # CheckpointError, PromptFileError and NodeCheckFailed are ValueErrors too
+    return (ValueError, FileNotFoundError, ClusterTooSmall, PlacementError, ModelLoadError, InputError)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,10 @@ Each check is one small function `check_...(cfg, resume)` that returns nothing o
 file) and what is allowed. `preflight` runs CHECKS in order, cheapest first, and stops at the first failure. No check
 leaves anything on disk, except the tiny model that `model.build_tiny` asks for (built atomically, as the job would do
 next). To add a check, write one more function and list it in CHECKS.
+
+The files that actors read (the model, LoRA targets from its config, the scorers' weights) are checked here only on a
+local Ray, whose one node runs every actor. A job that joins a cluster runs the same `..._here` checks on the nodes
+themselves, in a bundle of each pool, once the pools are placed (learner/placement.py).
 """
 
 from __future__ import annotations
@@ -22,7 +26,16 @@ class InputError(ValueError):
 
 
 def check_output_dir(cfg: JobConfig, resume: str) -> None:
-    """output_dir is a folder, or can be created, and a file can be written in it; the probe removes what it made."""
+    """output_dir is a folder, or can be created, and a file can be written in it; the probe removes what it made.
+    A submitted job that runs in Ray's copy of its folder refuses relative output paths: they would vanish with it."""
+    from cluster.runtime import runs_in_a_copy
+
+    if runs_in_a_copy():
+        for field, value in (("output_dir", cfg.output_dir), ("checkpoint.storage", cfg.checkpoint.storage)):
+            if value and not Path(value).is_absolute():
+                raise InputError(f"{field} = {value!r} is relative, and this job runs in Ray's temporary copy of the "
+                                 f"submitted folder ({Path.cwd()}), which goes away with the job; give an absolute "
+                                 f"path (on a cluster: storage that the driver and every learner node share)")
     out = Path(cfg.output_dir).absolute()
     made = []  # folders the probe creates, deepest first: removed again below
     try:
@@ -55,7 +68,8 @@ def check_resume(cfg: JobConfig, resume: str) -> None:
 
 
 def check_rewards(cfg: JobConfig, resume: str) -> None:
-    """Every scorer name is registered and its options are parameters of that scorer (nothing is loaded)."""
+    """Every scorer name is registered and its options are parameters of that scorer (nothing is loaded); on a local
+    Ray also their values and weights, as the scorer's actor will check them."""
     from rewards.registry import REGISTRY, registered, scorer_class
 
     for i, spec in enumerate(cfg.rewards.scorers):
@@ -69,6 +83,26 @@ def check_rewards(cfg: JobConfig, resume: str) -> None:
         if unknown:
             raise InputError(f"{field}.options: {spec.name} has no option {', '.join(map(repr, unknown))}; "
                              f"allowed: {', '.join(params) or 'none'}")
+    if not _joins_cluster(cfg):
+        for i, spec in enumerate(cfg.rewards.scorers):
+            scorer_here(spec.name, spec.options, f"rewards.scorers.{i}.options")
+
+
+def scorer_here(name: str, options: dict, field: str = "options") -> None:
+    """On this node: the scorer's options checked as its constructor checks them, its weights found, none loaded."""
+    from rewards.clip_common import RewardLoadError
+    from rewards.registry import scorer_class
+
+    try:
+        scorer_class(name).check(**options)
+    except (ValueError, TypeError, FileNotFoundError, RewardLoadError, RuntimeError) as e:
+        raise InputError(f"{field}: {name}: {e}") from None
+
+
+def _joins_cluster(cfg: JobConfig) -> bool:
+    from cluster.runtime import joins_cluster
+
+    return joins_cluster(cfg.ray)
 
 
 def check_prompts(cfg: JobConfig, resume: str) -> None:
@@ -133,18 +167,31 @@ def check_metrics_port(cfg: JobConfig, resume: str) -> None:
 
 
 def check_model(cfg: JobConfig, resume: str) -> None:
-    """The model folder holds every part (a hub id resolves through the local cache, or downloads when allowed);
-    with `model.build_tiny` the tiny model is built there first if the folder is missing or empty, as the job would
-    do next."""
-    from rollout.models.loading import locate_configured
+    """On a local Ray: `model_here`."""
+    if not _joins_cluster(cfg):
+        model_here(cfg)
 
-    locate_configured(cfg.model)
+
+def model_here(cfg: JobConfig, parts: tuple[str, ...] | None = None) -> Path:
+    """On this node: the model folder holds every part (a hub id resolves through the local cache, or downloads when
+    allowed); with `model.build_tiny` the tiny model is built there first if the folder is missing or empty, as the
+    job would do next."""
+    from rollout.models.loading import PARTS, locate_configured
+
+    return locate_configured(cfg.model, parts or PARTS)[0]
 
 
 def check_lora_targets(cfg: JobConfig, resume: str) -> None:
-    """Every learner.lora.target_modules entry names at least one layer of the transformer, and only layers LoRA can
-    wrap. Names match as peft matches them (its `check_target_module_exists`: the module's full name, or its ending
-    after a dot). The transformer is built from its config.json on the meta device: no weights are read."""
+    """On a local Ray: `lora_targets_here`."""
+    if not _joins_cluster(cfg):
+        lora_targets_here(cfg)
+
+
+def lora_targets_here(cfg: JobConfig) -> None:
+    """On this node: every learner.lora.target_modules entry names at least one layer of the transformer, and only
+    layers LoRA can wrap. Names match as peft matches them (its `check_target_module_exists`: the module's full name,
+    or its ending after a dot). The transformer is built from its config.json on the meta device: no weights are
+    read."""
     lora = cfg.learner.lora
     if cfg.learner.finetune != "lora" or lora is None:
         return
@@ -195,6 +242,24 @@ def _endings(names: set[str]) -> list[str]:
         parts = name.split(".")
         short.add(".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1])
     return sorted(short)
+
+
+def absolute_paths(cfg: JobConfig) -> JobConfig:
+    """The config with local paths made absolute, so that actors (whatever their working folder) find them."""
+
+    def local(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+    m = cfg.model
+    model_path = str(Path(m.path).resolve()) if m.build_tiny or Path(m.path).exists() else m.path
+    storage = cfg.checkpoint.storage
+    return cfg.model_copy(update={
+        "output_dir": str(Path(cfg.output_dir).resolve()),
+        "checkpoint": cfg.checkpoint.model_copy(update={"storage": str(Path(storage).resolve()) if storage else None}),
+        "model": m.model_copy(update={"path": model_path}),
+        "data": cfg.data.model_copy(update={"path": local(cfg.data.path), "exclude_path": local(cfg.data.exclude_path)}),
+        "eval": cfg.eval.model_copy(update={"path": local(cfg.eval.path)}),
+    })
 
 
 CHECKS: list[Callable[[JobConfig, str], None]] = [

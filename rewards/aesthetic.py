@@ -18,8 +18,16 @@ import numpy as np
 import torch
 
 from rewards.base import Scorer, ScoreResult
-from rewards.clip_common import (ClipEncoder, RewardLoadError, load_clip_model, load_clip_processor, load_state_dict,
-                                 torch_device, torch_dtype)
+from rewards.clip_common import (
+    ClipEncoder,
+    RewardLoadError,
+    find_pretrained,
+    load_clip_model,
+    load_clip_processor,
+    load_state_dict,
+    torch_device,
+    torch_dtype,
+)
 
 CLIP_L14 = "openai/clip-vit-large-patch14"
 
@@ -53,12 +61,22 @@ class Aesthetic(Scorer):
 
     name = "aesthetic"
 
-    def __init__(self, head_path: str | None = None, path: str = CLIP_L14, processor_path: str | None = None,
-                 device: str = "cpu", dtype: str = "float32", allow_download: bool = False, batch_size: int = 16):
+    @classmethod
+    def check(cls, head_path: str | None = None, path: str = CLIP_L14, processor_path: str | None = None,
+              device: str = "cpu", dtype: str = "float32", allow_download: bool = False, batch_size: int = 16) -> None:
         if not head_path or not Path(head_path).is_file():
-            raise RewardLoadError(f"{self.name}: head_path {head_path!r} is not a file; download the head, e.g. "
+            raise RewardLoadError(f"{cls.name}: head_path {head_path!r} is not a file; download the head, e.g. "
                                   f"sac+logos+ava1-l14-linearMSE.pth from github.com/christophschuhmann/"
                                   f"improved-aesthetic-predictor, and set head_path to it")
+        torch_dtype(cls.name, dtype)
+        find_pretrained(cls.name, path, allow_download=allow_download)
+        find_pretrained(cls.name, processor_path or path, allow_download=allow_download, kind="processor",
+                        option="processor_path" if processor_path else "path")
+
+    def __init__(self, head_path: str | None = None, path: str = CLIP_L14, processor_path: str | None = None,
+                 device: str = "cpu", dtype: str = "float32", allow_download: bool = False, batch_size: int = 16):
+        self.check(head_path=head_path, path=path, processor_path=processor_path, device=device, dtype=dtype,
+                   allow_download=allow_download, batch_size=batch_size)
         dev = torch_device(self.name, device)
         model = load_clip_model(self.name, path, dtype=torch_dtype(self.name, dtype), device=dev,
                                 allow_download=allow_download)

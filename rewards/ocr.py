@@ -8,6 +8,7 @@ document-like text and is a fallback.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import re
 import shutil
@@ -88,9 +89,7 @@ def _rapidocr(use_angle_cls: bool, max_side: int) -> Callable[[np.ndarray], str]
 
 def _tesseract() -> Callable[[np.ndarray], str]:
     """Debian's tesseract-ocr CLI: RGB uint8 image -> its text, lines joined."""
-    binary = shutil.which("tesseract")
-    if binary is None:
-        raise RuntimeError("engine 'tesseract' needs the tesseract binary (apt-get install tesseract-ocr)")
+    binary = shutil.which("tesseract")  # OCRScorer.check made sure there is one
 
     def read(image: np.ndarray) -> str:
         import cv2
@@ -108,10 +107,18 @@ class OCRScorer(Scorer):
     name = "ocr"
     ENGINES = ("rapidocr", "tesseract")
 
+    @classmethod
+    def check(cls, engine: str = "rapidocr", max_side: int = 768, use_angle_cls: bool = False) -> None:
+        if engine not in cls.ENGINES:
+            raise ValueError(f"unknown OCR engine {engine!r}; valid: {', '.join(cls.ENGINES)}")
+        if engine == "rapidocr" and importlib.util.find_spec("rapidocr") is None:
+            raise RuntimeError("engine 'rapidocr' needs the rapidocr package (pip install rapidocr onnxruntime)")
+        if engine == "tesseract" and shutil.which("tesseract") is None:
+            raise RuntimeError("engine 'tesseract' needs the tesseract binary (apt-get install tesseract-ocr)")
+
     def __init__(self, engine: str = "rapidocr", max_side: int = 768, use_angle_cls: bool = False) -> None:
         """max_side: larger images are downscaled to it first; use_angle_cls: rapidocr's 180° classifier (off)."""
-        if engine not in self.ENGINES:
-            raise ValueError(f"unknown OCR engine {engine!r}; valid: {', '.join(self.ENGINES)}")
+        self.check(engine=engine, max_side=max_side, use_angle_cls=use_angle_cls)
         self.engine = engine
         self.read = _rapidocr(use_angle_cls, max_side) if engine == "rapidocr" else _tesseract()
 

@@ -14,7 +14,14 @@ import numpy as np
 import torch
 
 from rewards.base import Scorer, ScoreResult
-from rewards.clip_common import ClipEncoder, load_clip_model, load_clip_processor, torch_device, torch_dtype
+from rewards.clip_common import (
+    ClipEncoder,
+    find_pretrained,
+    load_clip_model,
+    load_clip_processor,
+    torch_device,
+    torch_dtype,
+)
 
 PICKSCORE_V1 = "yuvalkirstain/PickScore_v1"
 CLIP_H_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -25,10 +32,20 @@ class PickScore(Scorer):
 
     name = "pickscore"
 
+    @classmethod
+    def check(cls, path: str = PICKSCORE_V1, processor_path: str | None = CLIP_H_PROCESSOR, device: str = "cpu",
+              dtype: str = "float32", allow_download: bool = False, scale: float = 26.0, batch_size: int = 16) -> None:
+        if scale <= 0:
+            raise ValueError(f"{cls.name}: scale must be > 0, got {scale}")
+        torch_dtype(cls.name, dtype)
+        find_pretrained(cls.name, path, allow_download=allow_download)
+        find_pretrained(cls.name, processor_path or path, allow_download=allow_download, kind="processor",
+                        option="processor_path" if processor_path else "path")
+
     def __init__(self, path: str = PICKSCORE_V1, processor_path: str | None = CLIP_H_PROCESSOR, device: str = "cpu",
                  dtype: str = "float32", allow_download: bool = False, scale: float = 26.0, batch_size: int = 16):
-        if scale <= 0:
-            raise ValueError(f"{self.name}: scale must be > 0, got {scale}")
+        self.check(path=path, processor_path=processor_path, device=device, dtype=dtype,
+                   allow_download=allow_download, scale=scale, batch_size=batch_size)
         dev = torch_device(self.name, device)
         model = load_clip_model(self.name, path, dtype=torch_dtype(self.name, dtype), device=dev,
                                 allow_download=allow_download)

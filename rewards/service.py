@@ -1,7 +1,8 @@
 """RewardService: a pool of Ray actors per scorer that scores whole groups, with timeouts, retries and loud failures.
 
-For each scorer of `rewards.scorers`, `rewards.num_actors` ScorerActor processes (`num_cpus_per_actor`,
-`num_gpus_per_actor` each) build the scorer once. A group's images go into the object store once; each scorer's
+For each scorer of `rewards.scorers`, a pool of ScorerActor processes (`rewards.num_actors` of
+`num_cpus_per_actor` and `num_gpus_per_actor` each, unless the scorer's own entry overrides them) build the scorer
+once. A group's images go into the object store once; each scorer's
 pool gets the group as contiguous batches, one per actor, sent to the least busy actors. Each call gets `timeout_s`
 of its own: it must answer within timeout_s × (1 + calls queued ahead of it on its actor) of being sent, or its actor
 is killed (Ray restarts it, up to `rewards.max_restarts`); a batch whose actor died or hung is retried on another
@@ -16,11 +17,11 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from cluster.config import RewardsConfig
+from cluster.config import RewardsConfig, RewardSpec
 from cluster.pools import ActorPool
 from rewards.base import RewardInputError, as_uint8_images
 
@@ -137,8 +138,12 @@ class _Call:
 class RewardService:
     """Scores groups of images with every configured scorer on its own pool of Ray actors."""
 
-    def __init__(self, cfg: RewardsConfig, *, startup_timeout_s: float = 600.0, metrics: bool = True):
-        """`metrics`: the scorer actors record cluster/metrics.py's reward metrics."""
+    def __init__(self, cfg: RewardsConfig, *, startup_timeout_s: float = 600.0, metrics: bool = True,
+                 pools: dict[str, ActorPool] | None = None, placement_timeout_s: float = 60.0,
+                 report: Callable[[str, str], None] | None = None):
+        """`metrics`: the scorer actors record cluster/metrics.py's reward metrics. `pools`: scorer name -> its
+        reserved placement (`scorer_pool`; made here when not given). `report(event, message)` hears of every actor
+        failure, retry and timeout."""
         from rewards.registry import REGISTRY, registered
 
         unknown = [s.name for s in cfg.scorers if s.name not in REGISTRY]
@@ -148,13 +153,14 @@ class RewardService:
         self.max_restarts = cfg.max_restarts
         self.weights = {s.name: float(s.weight) for s in cfg.scorers}
         self.counters = ServiceCounters()
-        pools = {s.name: ActorPool(f"rewards/{s.name}", ScorerActor, cfg) for s in cfg.scorers}
-        self._actors = {s.name: [pools[s.name].spawn(s.name, REGISTRY[s.name], s.options, metrics)
-                                 for _ in range(cfg.num_actors)]
+        self._report = report or (lambda event, message: None)
+        self._pools = pools or {s.name: scorer_pool(cfg, s, placement_timeout_s) for s in cfg.scorers}
+        self._actors = {s.name: [self._pools[s.name].spawn(s.name, REGISTRY[s.name], s.options, metrics)
+                                 for _ in range(cfg.pool_of(s).num_actors)]
                         for s in cfg.scorers}
-        self._load = {name: [0] * cfg.num_actors for name in self._actors}
-        self._generation = {name: [0] * cfg.num_actors for name in self._actors}
-        self._deaths = {name: [0] * cfg.num_actors for name in self._actors}
+        self._load = {name: [0] * len(actors) for name, actors in self._actors.items()}
+        self._generation = {name: [0] * len(actors) for name, actors in self._actors.items()}
+        self._deaths = {name: [0] * len(actors) for name, actors in self._actors.items()}
         self._calls: dict[Any, _Call] = {}
         self._groups: dict[int, _Group] = {}
         try:
@@ -245,12 +251,9 @@ class RewardService:
         return self.collect(self.submit(images, prompts, metadata, group_id=group_id))
 
     def shutdown(self) -> None:
-        """Kill every actor of the service."""
-        import ray
-
-        for actors in self._actors.values():
-            for actor in actors:
-                ray.kill(actor, no_restart=True)
+        """End every actor of the service and give its reserved resources back."""
+        for pool in self._pools.values():
+            pool.shutdown()
         self._calls.clear()
 
     # ---- scheduling -------------------------------------------------------------------------------------------
@@ -307,6 +310,8 @@ class RewardService:
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as err:
             self.counters.actor_failures += 1
             self._died(name, call)
+            self._report("reward_actor_failed", f"reward actor {name}-{call.actor} failed on group {group.group_id} "
+                                                f"({_cause(err)})")
             self._retry(batch, call.actor, f"its actor died ({_cause(err)})")
             return
         except ray.exceptions.RayTaskError as err:
@@ -339,6 +344,8 @@ class RewardService:
         self._release(ref)
         self.counters.timeouts += 1
         name = call.batch.scorer
+        self._report("reward_timeout", f"reward actor {name}-{call.actor} gave no answer within "
+                                       f"{self.cfg.timeout_s:g} s on group {call.batch.group.group_id}; it is restarted")
         if self._died(name, call):
             ray.kill(self._actors[name][call.actor], no_restart=False)
         self._retry(call.batch, call.actor, f"no answer within {self.cfg.timeout_s}s")
@@ -362,12 +369,19 @@ class RewardService:
         batch.attempt += 1
         group.retries += 1
         self.counters.retries += 1
+        self._report("reward_retry", f"scorer {batch.scorer!r}: images {batch.start}..{batch.stop - 1} of group "
+                                     f"{group.group_id} sent again (attempt {batch.attempt + 1}: {reason})")
         self._send(batch, avoid=failed_actor)
 
     def _fail(self, group: _Group, message: str) -> None:
         if group.error is None:
             group.error = RewardError(f"group {group.group_id}: {message}")
             self.counters.groups_failed += 1
+
+
+def scorer_pool(cfg: RewardsConfig, scorer: RewardSpec, placement_timeout_s: float = 60.0) -> ActorPool:
+    """The reserved placement of one scorer's actors (the reward pool's settings with the scorer's overrides)."""
+    return ActorPool(f"rewards/{scorer.name}", ScorerActor, cfg.pool_of(scorer), placement_timeout_s=placement_timeout_s)
 
 
 def _cause(err: Exception) -> str:

@@ -80,11 +80,15 @@ class ShapesScorer(Scorer):
 
     name = "shapes"
 
-    def __init__(self, max_distance: float = 70.0, min_pixels: int = 30):
+    @classmethod
+    def check(cls, max_distance: float = 70.0, min_pixels: int = 30) -> None:
         if max_distance <= 0:
-            raise ValueError(f"{self.name}: max_distance must be > 0, got {max_distance}")
+            raise ValueError(f"{cls.name}: max_distance must be > 0, got {max_distance}")
         if min_pixels < 1:
-            raise ValueError(f"{self.name}: min_pixels must be >= 1, got {min_pixels}")
+            raise ValueError(f"{cls.name}: min_pixels must be >= 1, got {min_pixels}")
+
+    def __init__(self, max_distance: float = 70.0, min_pixels: int = 30):
+        self.check(max_distance=max_distance, min_pixels=min_pixels)
         self.max_distance, self.min_pixels = float(max_distance), int(min_pixels)
 
     def score(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> ScoreResult:

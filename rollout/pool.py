@@ -2,27 +2,37 @@
 `Trajectories` as soon as it finishes; the pool can grow or shrink while groups are in flight.
 
 Every submitted group is delivered exactly once: a group is either queued or held by one worker; a worker that dies
-while holding one hands it back to the front of the queue whole, and a worker being removed finishes its group first.
+or becomes unreachable while holding one hands it back to the front of the queue whole, and a worker being removed
+finishes its group first. A worker that becomes unreachable (its node left) gets no group until it answers again:
+Ray restarts it once its bundle is placed on a node with room. When every worker has been unreachable for
+`rollout.node_wait_s`, the pool gives up with a message saying so.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorUnavailableError, RayActorError
 from tqdm import tqdm
 
 from cluster.config import JobConfig
-from cluster.pools import ActorPool
+from cluster.pools import ActorPool, describe
 from rollout.models.contract import PromptEmbeds
 from rollout.prompts.groups import PromptGroup
 from rollout.sampling.trajectory import Trajectories
 from rollout.worker import RolloutWorker
+
+PROBE_INTERVAL_S = 1.0  # between two attempts to reach an unreachable worker
+
+
+class RolloutPoolLost(RuntimeError):
+    """Every rollout worker stayed unreachable for `rollout.node_wait_s`."""
 
 
 @dataclass(eq=False)
@@ -30,26 +40,40 @@ class _Slot:
     """One worker actor and its pool state."""
 
     handle: Any
+    name: str
     retiring: bool = False  # removed by resize: no new groups, killed once its group is delivered
     failures: int = 0
+    lost_since: float | None = None  # unreachable since (monotonic seconds): no groups until it answers
+    probe_at: float = 0.0  # when to try to reach it next
+
+
+def _cause(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
 class RolloutPool:
     """Rollout actors with the job's per-actor resources, fed from one queue of groups."""
 
-    def __init__(self, cfg: JobConfig, store_name: str | None = None, num_workers: int | None = None) -> None:
-        """`store_name`: the job's WeightStore (`weight_store_name(cfg.run_name)`), None for fixed base weights."""
+    def __init__(self, cfg: JobConfig, store_name: str | None = None, num_workers: int | None = None, *,
+                 actors: ActorPool | None = None, report: Callable[[str, str], None] | None = None) -> None:
+        """`store_name`: the job's WeightStore (`weight_store_name(cfg.run_name)`), None for fixed base weights.
+        `actors`: the rollout pool's reserved placement (made here when not given). `report(event, message)` hears of
+        every worker death and re-queued group."""
         if not ray.is_initialized():
             raise RuntimeError("start Ray before the rollout pool (cluster.runtime.start_ray), or it starts one of its "
                                "own that listens on every network address")
         self._cfg = cfg
         self._store_name = store_name
-        self._actors = ActorPool("rollout", RolloutWorker, cfg.rollout)
+        self._actors = actors or ActorPool("rollout", RolloutWorker, cfg.rollout,
+                                           placement_timeout_s=cfg.ray.placement_timeout_s)
+        self._report = report or (lambda event, message: None)
         self._slots: list[_Slot] = []
         self._queue: deque[PromptGroup] = deque()
         self._in_flight: dict[ray.ObjectRef, tuple[_Slot, PromptGroup]] = {}
+        self._probes: dict[ray.ObjectRef, _Slot] = {}
         self._attempts: dict[int, int] = {}
-        self.requeued = 0  # groups queued again because their worker died
+        self.requeued = 0  # groups queued again because their worker died or became unreachable
+        self.deaths = 0  # calls lost to a worker that died or became unreachable
         self.resize(num_workers if num_workers is not None else cfg.rollout.num_actors)
 
     @property
@@ -75,18 +99,37 @@ class RolloutPool:
     def next_result(self, timeout: float | None = None) -> Trajectories | None:
         """The next finished group, in completion order; None after `timeout` seconds or when nothing is pending.
 
-        A group whose worker died is queued again and never returned twice; an error raised while sampling is raised
-        here.
+        A group whose worker died or became unreachable is queued again and never returned twice; an error raised
+        while sampling is raised here; RolloutPoolLost when no worker has answered for `rollout.node_wait_s`.
         """
-        while self._in_flight:
-            ready, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        while self.pending:
+            self._probe_lost()
+            waiting = list(self._in_flight) + list(self._probes)
+            wait_s = PROBE_INTERVAL_S if any(s.lost_since is not None for s in self._slots) else None
+            if end is not None:
+                left = max(0.0, end - time.monotonic())
+                wait_s = left if wait_s is None else min(wait_s, left)
+            if waiting:
+                ready, _ = ray.wait(waiting, num_returns=1, timeout=wait_s)
+            else:  # every worker unreachable and none due for a probe yet
+                ready = []
+                time.sleep(wait_s or 0.0)
             if not ready:
-                return None
+                if end is not None and time.monotonic() >= end:
+                    return None
+                continue
+            if ready[0] in self._probes:
+                self._probed(ready[0])
+                continue
             slot, group = self._in_flight.pop(ready[0])
             try:
                 result = ray.get(ready[0])
-            except RayActorError:
-                self._worker_failed(slot, group)
+            except ActorUnavailableError as err:
+                self._unreachable(slot, group, err)
+                continue
+            except RayActorError as err:
+                self._worker_failed(slot, group, err)
                 continue
             self._attempts.pop(group.group_id, None)
             if slot.retiring:
@@ -108,7 +151,7 @@ class RolloutPool:
             raise ValueError(f"a rollout pool needs at least 1 worker, got {num_workers}")
         active = [slot for slot in self._slots if not slot.retiring]
         for _ in range(num_workers - len(active)):
-            self._slots.append(_Slot(self._spawn()))
+            self._slots.append(self._spawn())
         busy = {id(slot) for slot, _ in self._in_flight.values()}
         # idle workers first, newest first among equals
         order = sorted(reversed(active), key=lambda slot: id(slot) in busy)
@@ -126,7 +169,7 @@ class RolloutPool:
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} evaluation prompts but {len(seeds)} seeds")
-        workers = self.workers
+        workers = [slot.handle for slot in self._slots if not slot.retiring and slot.lost_since is None]
         size = self._cfg.eval.batch_size
         starts = range(0, len(prompts), size)
         refs = [
@@ -148,43 +191,104 @@ class RolloutPool:
         return ray.get(self.workers[0].negative_embeds.remote())
 
     def shutdown(self) -> None:
-        """Kill every worker; groups still queued or in flight are dropped."""
-        for slot in list(self._slots):
-            self._remove(slot)
+        """End every worker and give the pool's reserved resources back; groups still queued or in flight are
+        dropped."""
+        self._actors.shutdown()
+        self._slots.clear()
         self._queue.clear()
         self._in_flight.clear()
+        self._probes.clear()
 
     # -----------------------------------------------------------------------------------------------------------------
 
-    def _spawn(self) -> Any:
-        return self._actors.spawn(self._cfg, self._store_name, f"rollout-{self._actors.spawned}")
+    def _spawn(self) -> _Slot:
+        name = f"rollout-{self._actors.spawned}"
+        return _Slot(self._actors.spawn(self._cfg, self._store_name, name), name)
 
     def _remove(self, slot: _Slot) -> None:
         self._slots.remove(slot)
-        ray.kill(slot.handle)
+        self._actors.release(slot.handle)
 
     def _dispatch(self) -> None:
-        """Give each idle, non-retiring worker the next queued group."""
+        """Give each idle, reachable, non-retiring worker the next queued group."""
         busy = {id(slot) for slot, _ in self._in_flight.values()}
         for slot in self._slots:
             if not self._queue:
                 return
-            if slot.retiring or id(slot) in busy:
+            if slot.retiring or slot.lost_since is not None or id(slot) in busy:
                 continue
             group = self._queue.popleft()
             self._in_flight[slot.handle.sample_group.remote(group)] = (slot, group)
 
-    def _worker_failed(self, slot: _Slot, group: PromptGroup) -> None:
+    def _requeue(self, slot: _Slot, group: PromptGroup, event: str, why: str) -> None:
+        """Put a group whose call was lost back at the front of the queue, and say so."""
+        self._queue.appendleft(group)
+        self.requeued += 1
+        self.deaths += 1
+        self._report(event, f"rollout actor {slot.name} {why}; group {group.group_id} ({group.prompt!r}) is "
+                            f"queued again ({self.requeued} re-queued so far)")
+
+    def _unreachable(self, slot: _Slot, group: PromptGroup, err: Exception) -> None:
+        """A worker's call was cut off (its node left, or its process is being restarted): the group goes back to the
+        queue, and the worker gets nothing more until it answers a probe."""
+        self._requeue(slot, group, "rollout_actor_lost", f"became unreachable ({_cause(err)})")
+        if slot.lost_since is None:
+            slot.lost_since = time.monotonic()
+        slot.probe_at = 0.0
+        self._dispatch()
+
+    def _probe_lost(self) -> None:
+        """Try to reach each unreachable worker again (at most once a PROBE_INTERVAL_S each); give up when every
+        worker has been unreachable for rollout.node_wait_s."""
+        now = time.monotonic()
+        probing = set(map(id, self._probes.values()))
+        for slot in self._slots:
+            if slot.lost_since is not None and id(slot) not in probing and now >= slot.probe_at:
+                slot.probe_at = now + PROBE_INTERVAL_S
+                self._probes[slot.handle.policy_version.remote()] = slot
+        active = [slot for slot in self._slots if not slot.retiring]
+        lost = [slot.lost_since for slot in active if slot.lost_since is not None]
+        wait_s = self._cfg.rollout.node_wait_s
+        if active and len(lost) == len(active) and now - min(lost) > wait_s:
+            raise RolloutPoolLost(
+                f"no rollout actor has answered for {now - min(lost):.0f} s (rollout.node_wait_s = {wait_s:g}): their "
+                f"node(s) left and no node that can hold a rollout bundle ({describe(self._cfg.rollout.bundle())}) "
+                f"has taken them. Add such a node (or raise rollout.node_wait_s) and resume with --resume auto")
+
+    def _probed(self, ref: ray.ObjectRef) -> None:
+        slot = self._probes.pop(ref)
+        try:
+            ray.get(ref)
+        except ActorUnavailableError:
+            return  # still unreachable: probed again later
+        except RayActorError as err:  # out of restarts: a new actor takes its place
+            self._replace(slot, err)
+            return
+        if slot in self._slots and slot.lost_since is not None:
+            self._report("rollout_actor_back", f"rollout actor {slot.name} answers again after "
+                                               f"{time.monotonic() - slot.lost_since:.0f} s")
+            slot.lost_since = None
+        self._dispatch()
+
+    def _worker_failed(self, slot: _Slot, group: PromptGroup, err: Exception) -> None:
         """A worker died holding `group`: queue the group again (whole) and replace a worker out of restarts."""
         attempts = self._attempts[group.group_id] = self._attempts.get(group.group_id, 0) + 1
         if attempts > self._cfg.rollout.max_restarts + 1:
             raise RuntimeError(f"group {group.group_id} ({group.prompt!r}): its rollout worker died {attempts} times; "
                                f"giving up (rollout.max_restarts = {self._cfg.rollout.max_restarts})")
-        self._queue.appendleft(group)
-        self.requeued += 1
+        self._requeue(slot, group, "rollout_actor_died", f"died ({_cause(err)})")
         slot.failures += 1
         if slot.retiring or slot.failures > self._cfg.rollout.max_restarts:
-            self._remove(slot)
-            if not slot.retiring:
-                self._slots.append(_Slot(self._spawn()))
+            self._replace(slot, err)
         self._dispatch()
+
+    def _replace(self, slot: _Slot, err: Exception) -> None:
+        """Remove a worker that cannot come back; a new one takes its place unless it was being removed anyway."""
+        if slot not in self._slots:
+            return
+        self._remove(slot)
+        if not slot.retiring:
+            fresh = self._spawn()
+            self._slots.append(fresh)
+            self._report("rollout_actor_replaced", f"rollout actor {slot.name} is gone for good ({_cause(err)}); "
+                                                   f"{fresh.name} takes its place")

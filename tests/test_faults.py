@@ -68,26 +68,26 @@ def run_main(out: Path, *overrides: str, resume: str | None = None, env: dict | 
                           text=True, timeout=600)
 
 
-# The job, with the checkpoint writer's file function replaced by one that writes its file and then SIGKILLs the
-# process the first time it writes into the checkpoint of iteration 4 (after printing the hashes of iteration 2's).
+# The job, with the driver's last step of a checkpoint (writing trainer.json, once every rank wrote its shard) replaced
+# by one that SIGKILLs the process instead in the checkpoint of iteration 4 (after printing the hashes of iteration 2's).
 KILLED_MID_CHECKPOINT = r"""
 import hashlib, json, os, signal, sys
 from pathlib import Path
 import learner.main  # first: it keeps Ray on loopback
 import learner.checkpoint as checkpoint
 
-write = checkpoint.save_file
+write = checkpoint.write_trainer
 
-def write_then_die(tensors, path, *args, **kwargs):
-    write(tensors, path, *args, **kwargs)
-    if "iter-000004" in path:
-        previous = Path(path).parents[1] / "iter-000002"
+def write_then_die(folder, trainer):
+    if "iter-000004" in str(folder):
+        previous = Path(folder).parent / "iter-000002"
         digest = {str(p.relative_to(previous)): hashlib.sha256(p.read_bytes()).hexdigest()
                   for p in sorted(previous.rglob("*")) if p.is_file()}
         print("PREVIOUS " + json.dumps(digest), flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
+    write(folder, trainer)
 
-checkpoint.save_file = write_then_die
+checkpoint.write_trainer = write_then_die
 sys.exit(learner.main.main(sys.argv[1:]))
 """
 
