@@ -107,6 +107,7 @@ class Job:
         self.iteration = 0
         self.last_advantages: dict[str, float] = {}
         self.skipped_in_a_row = 0  # updates skipped for a non-finite loss or gradient, since the last applied one
+        self.requeued_before = 0  # the rollout pool's re-queued groups before this iteration
 
     # -----------------------------------------------------------------------------------------------------------------
 
@@ -166,6 +167,7 @@ class Job:
                 next_cursor = self.sampler.state_dict()
                 self.pool.submit(self.sampler.take(self.groups_per_iteration))
             summary = self.summarise(batch, rewards, stats, times, version_before)
+            self.requeued_before = self.pool.requeued
             self.events.watch_nodes()
             summary["events"] = self.events.take()
             if cfg.eval.every_n_iterations and (self.iteration % cfg.eval.every_n_iterations == 0
@@ -281,6 +283,7 @@ class Job:
             "zero_std_group_frac": stats.get("zero_std_group_frac", 0.0),
             "staleness": max(version_before - t.policy_version for t in batch),
             "sampled_policy_versions": sorted({t.policy_version for t in batch}),
+            "groups_requeued": self.pool.requeued - self.requeued_before,
             **learner,
         }
 

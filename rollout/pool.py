@@ -125,8 +125,8 @@ class RolloutPool:
             slot, group = self._in_flight.pop(ready[0])
             try:
                 result = ray.get(ready[0])
-            except ActorUnavailableError as err:
-                self._unreachable(slot, group, err)
+            except ActorUnavailableError:
+                self._unreachable(slot, group)
                 continue
             except RayActorError as err:
                 self._worker_failed(slot, group, err)
@@ -228,10 +228,11 @@ class RolloutPool:
         self._report(event, f"rollout actor {slot.name} {why}; group {group.group_id} ({group.prompt!r}) is "
                             f"queued again ({self.requeued} re-queued so far)")
 
-    def _unreachable(self, slot: _Slot, group: PromptGroup, err: Exception) -> None:
+    def _unreachable(self, slot: _Slot, group: PromptGroup) -> None:
         """A worker's call was cut off (its node left, or its process is being restarted): the group goes back to the
         queue, and the worker gets nothing more until it answers a probe."""
-        self._requeue(slot, group, "rollout_actor_lost", f"became unreachable ({_cause(err)})")
+        self._requeue(slot, group, "rollout_actor_lost", "became unreachable (its node left, or its process is being "
+                                                         "restarted)")
         if slot.lost_since is None:
             slot.lost_since = time.monotonic()
         slot.probe_at = 0.0

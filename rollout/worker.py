@@ -75,11 +75,16 @@ class RolloutWorker:
         return self._version
 
     def refresh_weights(self) -> int:
-        """Load the store's latest version if it is newer; return the version in force."""
+        """Load the store's latest version if it is newer; return the version in force. A version whose buffer went
+        with its publisher (a learner rank that died) is skipped: the groups keep the version in force, tagged so,
+        and the driver stops the job on the learner's death."""
         if self._store is not None:
             entry = ray.get(self._store.latest.remote(self._version))
             if entry is not None:
-                self.load_weights(*entry)
+                try:
+                    self.load_weights(*entry)
+                except ray.exceptions.ObjectLostError:  # OwnerDiedError among them
+                    pass
         return self._version
 
     def sample_group(self, group: PromptGroup) -> Trajectories:

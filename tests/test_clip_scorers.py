@@ -8,42 +8,20 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers import CLIPModel, CLIPProcessor
 
 import rewards
 from rewards.clip_common import RewardLoadError
 from rewards.hpsv2 import clip_config_from_open_clip, open_clip_to_transformers
-from rollout.models.tiny import clip_tokenizer
+from tests.reward_checkpoints import save_tiny_clip, tiny_clip
 
 PROMPTS = ["a red cube on a table", "a cat", "a red cube on a table", "a cat"]
-
-
-def tiny_clip(seed: int, activation: str = "gelu") -> tuple[CLIPModel, CLIPProcessor]:
-    """A tiny random CLIP (2 layers, width 32, 32 px images in 8 px patches) and its offline processor."""
-    tokenizer = clip_tokenizer()
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, max_position_embeddings=77, hidden_act=activation,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id)
-    vision = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32,
-                  patch_size=8, hidden_act=activation)
-    torch.manual_seed(seed)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
-    with torch.no_grad():
-        model.logit_scale.fill_(3.1)  # not the init value, so a loader that drops it is caught
-    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    return model, CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny CLIP folder (model + processor) as `save_pretrained` writes it."""
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    model, processor = tiny_clip(seed=0)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
 
 
 @pytest.fixture(scope="module")

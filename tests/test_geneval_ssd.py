@@ -186,27 +186,9 @@ def test_clip_colours_load_and_classify(tmp_path: Path) -> None:
 
 
 def test_mask2former_backend_runs_a_tiny_checkpoint(tmp_path: Path) -> None:
-    import torch
-    from transformers import (
-        Mask2FormerConfig,
-        Mask2FormerForUniversalSegmentation,
-        Mask2FormerImageProcessorPil,
-        SwinConfig,
-    )
+    from tests.reward_checkpoints import save_tiny_mask2former
 
-    from rewards.detectors import TF_COCO_LABELS
-
-    names = sorted(set(TF_COCO_LABELS.values()) - {"computer mouse"}) + ["mouse"]  # "mouse" maps to GenEval's name
-    backbone = SwinConfig(image_size=64, patch_size=4, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 1, 1],
-                          window_size=4, out_features=["stage1", "stage2", "stage3", "stage4"])
-    config = Mask2FormerConfig(backbone_config=backbone, hidden_dim=32, feature_size=32, mask_feature_size=32,
-                               encoder_feedforward_dim=64, dim_feedforward=64, num_queries=8, encoder_layers=1,
-                               decoder_layers=2, num_attention_heads=2, id2label=dict(enumerate(names)),
-                               label2id={n: i for i, n in enumerate(names)})
-    torch.manual_seed(0)
-    Mask2FormerForUniversalSegmentation(config).save_pretrained(tmp_path)
-    Mask2FormerImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 128}, size_divisor=32
-                                 ).save_pretrained(tmp_path)
+    save_tiny_mask2former(tmp_path)
     scorer = GenEvalScorer(detector="mask2former", detector_model=str(tmp_path), threshold=0.0,
                            counting_threshold=0.0)
     assert "computer mouse" in scorer.detector.class_names and "mouse" not in scorer.detector.class_names

@@ -167,3 +167,36 @@ def test_ray_job_submit_runs_the_tiny_job(tmp_path):
         assert [h["iteration"] for h in history(out)] == [1, 2]
     finally:
         stop_cluster(temp_dir)
+
+
+@pytest.mark.slow
+def test_the_driver_receives_no_model_state_while_checkpointing(ray_local, tiny_model_dirs, tmp_path, monkeypatch):
+    import pickle
+
+    from cluster.config import load_config
+    from learner.driver import Job
+
+    cfg = load_config(ROOT / "cluster/tiny.yaml", BASE + [f"output_dir={tmp_path}", "iterations=1",
+                                                          f"model.path={tiny_model_dirs['flux']}", "model.build_tiny=false",
+                                                          "checkpoint.every_n_iterations=0"])
+    job = Job(cfg, say=lambda message: None)
+    try:
+        job.resume("none")
+        job.run()
+        received = []
+        real_get = ray_local.get
+
+        def counting_get(refs, *args, **kwargs):
+            values = real_get(refs, *args, **kwargs)
+            received.append(len(pickle.dumps(values)))
+            return values
+
+        monkeypatch.setattr(ray_local, "get", counting_get)
+        folder = job.checkpoint(job.sampler.state_dict())
+        monkeypatch.undo()
+    finally:
+        job.shutdown()
+    written = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
+    assert written > 100_000  # the rank's weights, optimizer state and EMA, and the exported LoRA
+    assert received and sum(received) < 2_000, received  # file names and sizes, a counter: no tensors
+    print(f"MEASURED checkpoint: the driver received {sum(received)} bytes; the ranks wrote {written} bytes")

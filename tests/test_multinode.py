@@ -1,0 +1,238 @@
+"""The tiny job on a real three-node Ray cluster on this machine (tests/cluster_host.py): pools placed on chosen nodes
+through custom resources, a placement that no node can hold, the loss of the rollout node and of the learner node.
+
+Nodes: the head (1 CPU, `head`: the driver's node, the reward actor's), a rollout node (2 CPUs, `rollout_node`) and
+a learner node (1 CPU, `learner_node`); the tests add nodes back after killing one. Only the raylets this module
+started are stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cluster_helpers import stop_cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+PINNED = ["rollout.resources={rollout_node: 0.1}", "learner.resources={learner_node: 0.1}",
+          "rewards.resources={head: 0.1}"]
+SMALL = ["data.images_per_iteration=16", "data.group_size=4", "rollout.samples_per_forward=4",
+         "learner.micro_batch_size=4", "eval.every_n_iterations=0", "checkpoint.every_n_iterations=1",
+         "metrics.port=0", "rollout.node_wait_s=120"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ClusterHost:
+    """tests/cluster_host.py in its own process, commanded line by line."""
+
+    def __init__(self, temp_dir: Path) -> None:
+        self.temp_dir = temp_dir
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.cluster_host", str(temp_dir), str(_free_port()), json.dumps({"head": 1})],
+            cwd=ROOT, env=job_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True)  # the venv first on PATH: a submitted job's `python` is the head node's
+        head = self._answer()
+        self.address, self.dashboard = head["address"], head["dashboard"]
+        self.nodes: dict[str, str] = {}
+
+    def _answer(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the cluster host ended (exit {self.proc.poll()})")
+            if line.startswith("{"):
+                return json.loads(line)
+
+    def _command(self, line: str) -> dict:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self._answer()
+
+    def add(self, name: str, cpus: int, resources: dict[str, float]) -> str:
+        self.nodes[name] = self._command(f"add {name} {cpus} {json.dumps(resources)}")["node_id"]
+        return self.nodes[name]
+
+    def kill(self, name: str) -> float:
+        """Kill the node's processes at once (a node loss); when it happened."""
+        return self._command(f"kill {name}")["at"]
+
+    def close(self) -> None:
+        try:
+            self._command("quit")
+        except (RuntimeError, OSError):
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        stop_cluster(self.temp_dir)  # matches the worker nodes' folders too (TEMP_DIR-name-n)
+        for folder in self.temp_dir.parent.glob(f"{self.temp_dir.name}*"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    host = ClusterHost(Path("/tmp") / f"flowrl-mn-{os.getpid()}")  # short: Ray's socket paths are limited
+    try:
+        host.add("rollout", 2, {"rollout_node": 1})
+        host.add("learner", 1, {"learner_node": 1})
+        yield host
+    finally:
+        host.close()
+
+
+def job_env(cluster: ClusterHost | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PATH=f"{VENV_BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    if cluster is not None:
+        env["RAY_ADDRESS"] = cluster.address  # the job joins the cluster
+    return env
+
+
+def job_args(out: Path, *overrides: str) -> list[str]:
+    args = ["-m", "learner.main", "--cfg", "cluster/tiny.yaml", "--set", f"output_dir={out}"]
+    for o in PINNED + SMALL + list(overrides):
+        args += ["--set", o]
+    return args
+
+
+def history(out: Path) -> list[dict]:
+    path = out / "history.jsonl"
+    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.is_file() else []
+
+
+def wait_for_iterations(out: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.monotonic() + timeout
+    while len(history(out)) < count:
+        assert proc.poll() is None, f"the job ended early (exit {proc.returncode})"
+        assert time.monotonic() < end, f"no {count} iterations within {timeout} s"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_submitted_job_runs_its_pools_on_the_chosen_nodes(cluster, tmp_path):
+    out = tmp_path / "run"
+    r = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", f"--address={cluster.dashboard}", "--working-dir", ".",
+                        "--", "python", *job_args(out, "iterations=3")],
+                       cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "joined the Ray cluster" in r.stdout and "done: 3 iterations" in r.stdout
+    rows = history(out)
+    assert [h["iteration"] for h in rows] == [1, 2, 3]
+    # iteration 3 was sampled on the rollout node with version 2, published by the learner node: weights crossed
+    assert [h["sampled_policy_versions"] for h in rows] == [[0], [1], [2]]
+
+    listed = subprocess.run([str(VENV_BIN / "ray"), "list", "actors", f"--address={cluster.dashboard}", "--detail",
+                             "--format=json", "--limit=1000"], env=job_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    nodes: dict[str, set[str]] = {}
+    for actor in json.loads(listed.stdout):
+        nodes.setdefault(actor["class_name"], set()).add(actor["node_id"])
+    assert nodes["RolloutWorker"] == {cluster.nodes["rollout"]}
+    assert nodes["LearnerActor"] == {cluster.nodes["learner"]}
+    assert cluster.nodes["rollout"] not in nodes["ScorerActor"] | nodes["WeightStore"]
+    assert cluster.nodes["learner"] not in nodes["ScorerActor"] | nodes["WeightStore"]
+
+
+@pytest.mark.slow
+def test_a_bundle_no_node_can_hold_is_refused_with_each_node(cluster, tmp_path):
+    # 2.5 CPUs per learner rank: the cluster has 4 in all, but no node more than 2
+    r = subprocess.run([sys.executable, *job_args(tmp_path, "learner.num_cpus_per_actor=2.5"), "--dry-run"],
+                       cwd=ROOT, env=job_env(cluster), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    [error] = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert "PlacementError: pool 'learner': 1 bundle(s) of {CPU 2.5, learner_node 0.1}" in error
+    assert "no node can hold one bundle" in error
+    for node_id in cluster.nodes.values():
+        assert f"node {node_id[:8]} has: CPU" in error
+    assert "Traceback" not in r.stderr
+
+    r = subprocess.run([sys.executable, *job_args(tmp_path), "--dry-run"], cwd=ROOT, env=job_env(cluster),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"learner: 1 x {{CPU 0.5, learner_node 0.1}} (PACK), checked on node {cluster.nodes['learner'][:8]}" \
+        in r.stdout
+    assert f"rollout: 2 x {{CPU 0.5, rollout_node 0.1}} (PACK), checked on node {cluster.nodes['rollout'][:8]}" \
+        in r.stdout
+    assert "dry run: every check passed" in r.stdout and not (tmp_path / "history.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_losing_the_rollout_node_requeues_its_groups_and_the_job_completes(cluster, tmp_path):
+    out = tmp_path / "run"
+    log = tmp_path / "job.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, *job_args(out, "iterations=6")], cwd=ROOT, env=job_env(cluster),
+                                stdout=sink, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for_iterations(out, 2, proc)
+            killed_at = cluster.kill("rollout")
+            done_at_kill = len(history(out))
+            end = time.monotonic() + 60  # no other node can take the rollout bundles: the pool waits
+            while "left the cluster" not in log.read_text():
+                assert time.monotonic() < end and proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.5)
+            added_at = time.time()
+            cluster.add("rollout", 2, {"rollout_node": 1})
+            wait_for_iterations(out, done_at_kill + 1, proc)
+            trained_again_at = time.time()
+            assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    rows = history(out)
+    said = log.read_text()
+    assert [h["iteration"] for h in rows] == [1, 2, 3, 4, 5, 6]
+    trained = [g for h in rows for g in h["group_ids"]]
+    assert len(trained) == len(set(trained)) == 6 * 4  # every group trained once and whole
+    assert all(h["samples"] == 16 for h in rows)
+    requeued = sum(h["groups_requeued"] for h in rows)
+    lost = sum(h["events"]["rollout_actor_lost"] + h["events"]["rollout_actor_died"] for h in rows)
+    assert requeued >= 1 and lost == requeued
+    assert said.count("is queued again") == requeued
+    assert sum(h["events"]["node_lost"] for h in rows) == 1 and said.count("left the cluster") == 1
+    print(f"MEASURED rollout node loss: {added_at - killed_at:.1f} s until the loss was seen and a node added, then "
+          f"{trained_again_at - added_at:.1f} s until the next iteration ({done_at_kill + 1}) was trained")
+
+
+@pytest.mark.slow
+def test_losing_the_learner_node_stops_the_job_and_resume_auto_completes_it(cluster, tmp_path):
+    out = tmp_path / "run"
+    log = tmp_path / "job.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, *job_args(out, "iterations=5")], cwd=ROOT, env=job_env(cluster),
+                                stdout=sink, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for_iterations(out, 2, proc)
+            cluster.kill("learner")
+            assert proc.wait(timeout=300) == 1, log.read_text()[-4000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    [error] = [ln for ln in log.read_text().splitlines() if ln.startswith("error:")]
+    assert "TrainingStopped: a learner rank is gone" in error and "--resume auto" in error
+    done = len(history(out))
+    assert done >= 2 and f"iter-{done:06d}" in error
+
+    cluster.add("learner", 1, {"learner_node": 1})  # the checkpoint was written by the learner node that is gone
+    r = subprocess.run([sys.executable, *job_args(out, "iterations=5"), "--resume", "auto"], cwd=ROOT,
+                       env=job_env(cluster), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"at iteration {done}" in r.stdout
+    assert [h["iteration"] for h in history(out)] == [1, 2, 3, 4, 5]
+    assert history(out)[-1]["policy_version"] == 5
