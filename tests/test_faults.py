@@ -51,6 +51,19 @@ def test_dead_and_hung_actors_and_nan_rewards_lose_nothing(tmp_path, tiny_model_
     assert metrics["ray_flowrl_groups_dropped_total"] == 1
     assert metrics["ray_flowrl_groups_trained_total"] == 7
 
+    # every survived event said once when it happened, and counted in its iteration's history line
+    events = {kind: sum(h["events"][kind] for h in history) for kind in history[0]["events"]}
+    said = report["said"]
+    assert sum(h["groups_requeued"] for h in history) == report["requeued"]
+    assert events["rollout_actor_died"] + events["rollout_actor_lost"] == report["requeued"]
+    assert sum("is queued again" in line for line in said) == report["requeued"]
+    assert events["reward_actor_failed"] == counters["actor_failures"]
+    assert sum(line.startswith("reward actor ") and "failed on group" in line for line in said) \
+        == counters["actor_failures"]
+    assert events["reward_timeout"] == counters["timeouts"]
+    assert sum("gave no answer within 4 s" in line for line in said) == counters["timeouts"]
+    assert events["reward_retry"] == counters["retries"] == sum("sent again" in line for line in said)
+
 
 SMALL = ["data.images_per_iteration=16", "eval.every_n_iterations=0", "metrics.port=0"]
 

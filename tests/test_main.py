@@ -37,3 +37,21 @@ def test_missing_model_folder_is_one_line_and_exit_2(tmp_path):
     errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "absent" in errors[0] and "allow_download" in errors[0]
     assert "Traceback" not in r.stderr
+
+
+def test_a_submitted_job_refuses_relative_output_paths_and_says_where_relative_paths_resolve(tmp_path):
+    # as `ray job submit --working-dir` starts the entrypoint: in Ray's temporary copy of the submitted folder
+    job_config = '{"runtime_env": {"working_dir": "gcs://_ray_pkg_0123.zip"}, "metadata": {}}'
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for field in ("output_dir=runs/relative", "checkpoint.storage=ckpt/relative"):
+        r = subprocess.run([sys.executable, "-m", "learner.main", "--cfg", "cluster/tiny.yaml", "--set", field,
+                            *([] if field.startswith("output_dir") else ["--set", f"output_dir={tmp_path}"])],
+                           cwd=ROOT, env={**env, "RAY_JOB_CONFIG_JSON_ENV_VAR": job_config}, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert f"relative paths resolve against {ROOT} (Ray's copy of the submitted folder)" in r.stdout
+        [error] = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+        name, value = field.split("=")
+        assert f"{name} = '{value}' is relative, and this job runs in Ray's temporary copy" in error
+        assert "give an absolute path" in error
+    assert not (ROOT / "runs" / "relative").exists() and not (ROOT / "ckpt").exists()
