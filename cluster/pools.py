@@ -33,7 +33,8 @@ def describe(resources: dict[str, float]) -> str:
     """'CPU 0.5, GPU 1, rollout_node 0.01', leaving out Ray's own bookkeeping resources."""
     shown = {k: v for k, v in resources.items()
              if not k.startswith("node:") and "_group_" not in k and k not in ("memory", "object_store_memory")}
-    return ", ".join(f"{k} {v:g}" for k, v in sorted(shown.items(), key=lambda kv: (kv[0] not in ("CPU", "GPU"), kv[0])))
+    ordered = sorted(shown.items(), key=lambda kv: (kv[0] not in ("CPU", "GPU"), kv[0]))  # CPU and GPU first
+    return ", ".join(f"{k} {v:g}" for k, v in ordered)
 
 
 def alive_nodes(available: bool = False) -> dict[str, dict[str, float]]:

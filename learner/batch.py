@@ -115,8 +115,8 @@ def update_plan(
 
     The kept samples (all, or the positions `keep` lists in order) go to the updates round-robin; each update's
     samples are cut in order into one consecutive run per rank, and each run into `micro_batches` consecutive
-    micro-batches, all of near-equal size. The micro-batch count is fixed (DeepSpeed's accumulation count is fixed at init), so every
-    micro-batch must hold at least one sample.
+    micro-batches, all of near-equal size. The micro-batch count is fixed (DeepSpeed's accumulation count is fixed
+    at init), so every micro-batch must hold at least one sample.
     """
     order = list(range(num_samples)) if keep is None else torch.as_tensor(keep).reshape(-1).tolist()
     needed = num_updates * num_ranks * micro_batches

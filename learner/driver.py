@@ -327,7 +327,8 @@ class Job:
         cfg = self.cfg
         items = eval_prompts(cfg.eval)
         seeds = [cfg.eval.seed + i for i in range(len(items))]
-        weights = self.learner_get([self.learner.actors[0].packed_ema.remote()])[0]  # (refs, meta): the weights stay out of here
+        # ([ref], meta) of the EMA weights, put in the object store by rank 0: the weights never come through here
+        weights = self.learner_get([self.learner.actors[0].packed_ema.remote()])[0]
         images = self.pool.sample_eval([i.prompt for i in items], seeds, weights)
         scored = self.rewards.score(images.numpy(), [i.prompt for i in items], [i.metadata for i in items],
                                     group_id=-self.iteration)

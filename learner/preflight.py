@@ -257,7 +257,8 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
         "output_dir": str(Path(cfg.output_dir).resolve()),
         "checkpoint": cfg.checkpoint.model_copy(update={"storage": str(Path(storage).resolve()) if storage else None}),
         "model": m.model_copy(update={"path": model_path}),
-        "data": cfg.data.model_copy(update={"path": local(cfg.data.path), "exclude_path": local(cfg.data.exclude_path)}),
+        "data": cfg.data.model_copy(update={"path": local(cfg.data.path),
+                                            "exclude_path": local(cfg.data.exclude_path)}),
         "eval": cfg.eval.model_copy(update={"path": local(cfg.eval.path)}),
     })
 

@@ -1,14 +1,14 @@
 """RewardService: a pool of Ray actors per scorer that scores whole groups, with timeouts, retries and loud failures.
 
-For each scorer of `rewards.scorers`, a pool of ScorerActor processes (`rewards.num_actors` of
-`num_cpus_per_actor` and `num_gpus_per_actor` each, unless the scorer's own entry overrides them) build the scorer
-once. A group's images go into the object store once; each scorer's
-pool gets the group as contiguous batches, one per actor, sent to the least busy actors. Each call gets `timeout_s`
-of its own: it must answer within timeout_s × (1 + calls queued ahead of it on its actor) of being sent, or its actor
-is killed (Ray restarts it, up to `rewards.max_restarts`); a batch whose actor died or hung is retried on another
-actor, at most `max_retries` times. A NaN/inf score, a scorer exception or exhausted retries fail the whole group with
-a RewardError that names it: a group is never scored 0. The driver either calls `score` (blocking) or `submit`s groups as they
-arrive and `wait`s / `collect`s them.
+For each scorer of `rewards.scorers`, a pool of ScorerActor processes (`rewards.num_actors` of `num_cpus_per_actor`
+and `num_gpus_per_actor` each, unless the scorer's own entry overrides them) build the scorer once. A group's images
+go into the object store once; each scorer's pool gets the group as contiguous batches, one per actor, sent to the
+least busy actors. Each call gets `timeout_s` of its own: it must answer within timeout_s × (1 + calls queued ahead
+of it on its actor) of being sent, or its actor is killed (Ray restarts it, up to `rewards.max_restarts`); a batch
+whose actor died or hung is retried on another actor, at most `max_retries` times. A NaN/inf score, a scorer
+exception or exhausted retries fail the whole group with a RewardError that names it: a group is never scored 0. The
+driver either calls `score` (blocking) or `submit`s groups as they arrive and `wait`s / `collect`s them; the
+failures, retries and timeouts it survives are reported as they happen (`report`).
 """
 
 from __future__ import annotations
@@ -344,8 +344,8 @@ class RewardService:
         self._release(ref)
         self.counters.timeouts += 1
         name = call.batch.scorer
-        self._report("reward_timeout", f"reward actor {name}-{call.actor} gave no answer within "
-                                       f"{self.cfg.timeout_s:g} s on group {call.batch.group.group_id}; it is restarted")
+        self._report("reward_timeout", f"reward actor {name}-{call.actor} gave no answer within {self.cfg.timeout_s:g} "
+                                       f"s on group {call.batch.group.group_id}; it is restarted")
         if self._died(name, call):
             ray.kill(self._actors[name][call.actor], no_restart=False)
         self._retry(call.batch, call.actor, f"no answer within {self.cfg.timeout_s}s")
@@ -381,7 +381,8 @@ class RewardService:
 
 def scorer_pool(cfg: RewardsConfig, scorer: RewardSpec, placement_timeout_s: float = 60.0) -> ActorPool:
     """The reserved placement of one scorer's actors (the reward pool's settings with the scorer's overrides)."""
-    return ActorPool(f"rewards/{scorer.name}", ScorerActor, cfg.pool_of(scorer), placement_timeout_s=placement_timeout_s)
+    return ActorPool(f"rewards/{scorer.name}", ScorerActor, cfg.pool_of(scorer),
+                     placement_timeout_s=placement_timeout_s)
 
 
 def _cause(err: Exception) -> str:

@@ -38,7 +38,12 @@ def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
 
 def save_tiny_mask2former(folder: Path) -> Path:
     """A tiny random Mask2Former over the COCO classes (GenEval's names) with its image processor."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessorPil, SwinConfig
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessorPil,
+        SwinConfig,
+    )
 
     from rewards.detectors import TF_COCO_LABELS
 

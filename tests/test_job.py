@@ -176,9 +176,9 @@ def test_the_driver_receives_no_model_state_while_checkpointing(ray_local, tiny_
     from cluster.config import load_config
     from learner.driver import Job
 
-    cfg = load_config(ROOT / "cluster/tiny.yaml", BASE + [f"output_dir={tmp_path}", "iterations=1",
-                                                          f"model.path={tiny_model_dirs['flux']}", "model.build_tiny=false",
-                                                          "checkpoint.every_n_iterations=0"])
+    cfg = load_config(ROOT / "cluster/tiny.yaml", BASE + [
+        f"output_dir={tmp_path}", "iterations=1", f"model.path={tiny_model_dirs['flux']}", "model.build_tiny=false",
+        "checkpoint.every_n_iterations=0"])
     job = Job(cfg, say=lambda message: None)
     try:
         job.resume("none")

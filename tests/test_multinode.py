@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -97,7 +99,8 @@ def cluster():
 
 def job_env(cluster: ClusterHost | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PATH=f"{VENV_BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    env.update(PATH=f"{VENV_BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="disabled",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     if cluster is not None:
         env["RAY_ADDRESS"] = cluster.address  # the job joins the cluster
     return env
@@ -113,6 +116,19 @@ def job_args(out: Path, *overrides: str) -> list[str]:
 def history(out: Path) -> list[dict]:
     path = out / "history.jsonl"
     return [json.loads(ln) for ln in path.read_text().splitlines()] if path.is_file() else []
+
+
+@contextmanager
+def job_in_background(cluster: ClusterHost, out: Path, log: Path, *overrides: str) -> Iterator[subprocess.Popen]:
+    """The job joined to the cluster, its output in `log`; killed on the way out if it still runs."""
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, *job_args(out, *overrides)], cwd=ROOT, env=job_env(cluster),
+                                stdout=sink, stderr=subprocess.STDOUT, text=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def wait_for_iterations(out: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -188,27 +204,20 @@ def test_pools_that_cannot_be_placed_are_refused_naming_each_node(cluster, tmp_p
 
 @pytest.mark.slow
 def test_losing_the_rollout_node_requeues_its_groups_and_the_job_completes(cluster, tmp_path):
-    out = tmp_path / "run"
-    log = tmp_path / "job.log"
-    with open(log, "w") as sink:
-        proc = subprocess.Popen([sys.executable, *job_args(out, "iterations=6")], cwd=ROOT, env=job_env(cluster),
-                                stdout=sink, stderr=subprocess.STDOUT, text=True)
-        try:
-            wait_for_iterations(out, 2, proc)
-            killed_at = cluster.kill("rollout")
-            done_at_kill = len(history(out))
-            end = time.monotonic() + 60  # no other node can take the rollout bundles: the pool waits
-            while "left the cluster" not in log.read_text():
-                assert time.monotonic() < end and proc.poll() is None, log.read_text()[-3000:]
-                time.sleep(0.5)
-            added_at = time.time()
-            cluster.add("rollout", 2, {"rollout_node": 1})
-            wait_for_iterations(out, done_at_kill + 1, proc)
-            trained_again_at = time.time()
-            assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    out, log = tmp_path / "run", tmp_path / "job.log"
+    with job_in_background(cluster, out, log, "iterations=6") as proc:
+        wait_for_iterations(out, 2, proc)
+        killed_at = cluster.kill("rollout")
+        done_at_kill = len(history(out))
+        end = time.monotonic() + 60  # no other node can take the rollout bundles: the pool waits
+        while "left the cluster" not in log.read_text():
+            assert time.monotonic() < end and proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        added_at = time.time()
+        cluster.add("rollout", 2, {"rollout_node": 1})
+        wait_for_iterations(out, done_at_kill + 1, proc)
+        trained_again_at = time.time()
+        assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
     rows = history(out)
     said = log.read_text()
     assert [h["iteration"] for h in rows] == [1, 2, 3, 4, 5, 6]
@@ -226,18 +235,11 @@ def test_losing_the_rollout_node_requeues_its_groups_and_the_job_completes(clust
 
 @pytest.mark.slow
 def test_losing_the_learner_node_stops_the_job_and_resume_auto_completes_it(cluster, tmp_path):
-    out = tmp_path / "run"
-    log = tmp_path / "job.log"
-    with open(log, "w") as sink:
-        proc = subprocess.Popen([sys.executable, *job_args(out, "iterations=5")], cwd=ROOT, env=job_env(cluster),
-                                stdout=sink, stderr=subprocess.STDOUT, text=True)
-        try:
-            wait_for_iterations(out, 2, proc)
-            cluster.kill("learner")
-            assert proc.wait(timeout=300) == 1, log.read_text()[-4000:]
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+    out, log = tmp_path / "run", tmp_path / "job.log"
+    with job_in_background(cluster, out, log, "iterations=5") as proc:
+        wait_for_iterations(out, 2, proc)
+        cluster.kill("learner")
+        assert proc.wait(timeout=300) == 1, log.read_text()[-4000:]
     [error] = [ln for ln in log.read_text().splitlines() if ln.startswith("error:")]
     assert "TrainingStopped: a learner rank is gone" in error and "--resume auto" in error
     done = len(history(out))
