@@ -109,7 +109,9 @@ sys.exit(learner.main.main(sys.argv[1:]))
 def test_a_kill_in_the_middle_of_a_checkpoint_keeps_the_previous_one_and_resume_auto_goes_on(tmp_path):
     import hashlib
 
-    from tests.cluster_helpers import stop_cluster
+    from tests.bench_helpers import load_bench
+
+    stop_cluster = load_bench("local_cluster").stop_processes_of
 
     out = tmp_path / "run"
     ray_tmp = Path("/tmp") / f"flowrl-ck-{os.getpid()}"  # short: Ray's socket paths are limited

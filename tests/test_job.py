@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 
 from learner.checkpoint import load_tree
-from tests.cluster_helpers import stop_cluster
+from tests.bench_helpers import load_bench
+
+stop_cluster = load_bench("local_cluster").stop_processes_of
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

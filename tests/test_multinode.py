@@ -1,4 +1,4 @@
-"""The tiny job on a real three-node Ray cluster on this machine (tests/cluster_host.py): pools placed on chosen nodes
+"""The tiny job on a real three-node Ray cluster on this machine (bench/local_cluster.py): pools placed on chosen nodes
 through custom resources, a placement that no node can hold, the loss of the rollout node and of the learner node.
 
 Nodes: the head (1 CPU, `head`: the driver's node, the reward actor's), a rollout node (2 CPUs, `rollout_node`) and
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster_helpers import stop_cluster
+from tests.bench_helpers import load_bench
 
+LocalCluster = load_bench("local_cluster").LocalCluster
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 PINNED = ["rollout.resources={rollout_node: 0.1}", "learner.resources={learner_node: 0.1}",
@@ -32,63 +31,10 @@ SMALL = ["data.images_per_iteration=16", "data.group_size=4", "rollout.samples_p
          "metrics.port=0", "rollout.node_wait_s=120"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ClusterHost:
-    """tests/cluster_host.py in its own process, commanded line by line."""
-
-    def __init__(self, temp_dir: Path) -> None:
-        self.temp_dir = temp_dir
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.cluster_host", str(temp_dir), str(_free_port()), json.dumps({"head": 1})],
-            cwd=ROOT, env=job_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            text=True)  # the venv first on PATH: a submitted job's `python` is the head node's
-        head = self._answer()
-        self.address, self.dashboard = head["address"], head["dashboard"]
-        self.nodes: dict[str, str] = {}
-
-    def _answer(self) -> dict:
-        while True:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"the cluster host ended (exit {self.proc.poll()})")
-            if line.startswith("{"):
-                return json.loads(line)
-
-    def _command(self, line: str) -> dict:
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-        return self._answer()
-
-    def add(self, name: str, cpus: int, resources: dict[str, float]) -> str:
-        self.nodes[name] = self._command(f"add {name} {cpus} {json.dumps(resources)}")["node_id"]
-        return self.nodes[name]
-
-    def kill(self, name: str) -> float:
-        """Kill the node's processes at once (a node loss); when it happened."""
-        return self._command(f"kill {name}")["at"]
-
-    def close(self) -> None:
-        try:
-            self._command("quit")
-        except (RuntimeError, OSError):
-            pass
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        stop_cluster(self.temp_dir)  # matches the worker nodes' folders too (TEMP_DIR-name-n)
-        for folder in self.temp_dir.parent.glob(f"{self.temp_dir.name}*"):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    host = ClusterHost(Path("/tmp") / f"flowrl-mn-{os.getpid()}")  # short: Ray's socket paths are limited
+    host = LocalCluster(Path("/tmp") / f"flowrl-mn-{os.getpid()}", {"head": 1}, job_env())  # a short path: Ray's
+    # socket paths are limited
     try:
         host.add("rollout", 2, {"rollout_node": 1})
         host.add("learner", 1, {"learner_node": 1})
@@ -97,7 +43,7 @@ def cluster():
         host.close()
 
 
-def job_env(cluster: ClusterHost | None = None) -> dict[str, str]:
+def job_env(cluster: LocalCluster | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PATH=f"{VENV_BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="disabled",
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
@@ -119,7 +65,7 @@ def history(out: Path) -> list[dict]:
 
 
 @contextmanager
-def job_in_background(cluster: ClusterHost, out: Path, log: Path, *overrides: str) -> Iterator[subprocess.Popen]:
+def job_in_background(cluster: LocalCluster, out: Path, log: Path, *overrides: str) -> Iterator[subprocess.Popen]:
     """The job joined to the cluster, its output in `log`; killed on the way out if it still runs."""
     with open(log, "w") as sink:
         proc = subprocess.Popen([sys.executable, *job_args(out, *overrides)], cwd=ROOT, env=job_env(cluster),
