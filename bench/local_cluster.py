@@ -124,6 +124,7 @@ class LocalCluster:
 
     def kill(self, name: str) -> float:
         """Kill the node's processes at once (a node loss); when it happened."""
+        self.nodes.pop(name, None)
         return self._command(f"kill {name}")["at"]
 
     def close(self) -> None:

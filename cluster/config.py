@@ -216,7 +216,7 @@ class CheckpointConfig(Section):
     storage: Optional[str] = Field(None, description="folder of the checkpoints, which every learner rank writes its "
                                    "own shard into (on a cluster: storage every learner node can write); None: "
                                    "output_dir/checkpoints")
-    resume: str = Field("none", description="'none', 'auto' (latest in output_dir) or a checkpoint folder")
+    resume: str = Field("none", description="'none', 'auto' (the newest in checkpoint.storage) or a checkpoint folder")
 
 
 class MetricsConfig(Section):

@@ -112,7 +112,7 @@ class Job:
     # -----------------------------------------------------------------------------------------------------------------
 
     def resume(self, resume: str) -> None:
-        """Continue from a checkpoint ('auto': the newest in output_dir, if any); then publish the weights in force."""
+        """Continue from a checkpoint ('auto': the newest complete one, if any); then publish the weights in force."""
         folder = resolve_resume(self.cfg, resume)
         if folder is not None:
             trainer = load_trainer(folder, len(self.learner))

@@ -23,7 +23,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config field, e.g. --set learner.lr=1e-4 (repeatable)")
     ap.add_argument("--resume", metavar="DIR|auto|none",
-                    help="continue from a checkpoint folder, or the newest in output_dir (overrides checkpoint.resume)")
+                    help="continue from a checkpoint folder, or the newest in checkpoint.storage (overrides "
+                         "checkpoint.resume)")
     ap.add_argument("--check", action="store_true", help="validate the config, print it, and exit")
     ap.add_argument("--dry-run", action="store_true",
                     help="run every check, place every pool and check its files on its node, then exit (no model "

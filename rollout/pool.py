@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 import torch
-from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError
 from tqdm import tqdm
 
 from cluster.config import JobConfig
@@ -125,7 +125,7 @@ class RolloutPool:
             slot, group = self._in_flight.pop(ready[0])
             try:
                 result = ray.get(ready[0])
-            except ActorUnavailableError:
+            except (ActorUnavailableError, ObjectLostError):  # its node left, with the result maybe
                 self._unreachable(slot, group)
                 continue
             except RayActorError as err:
@@ -169,7 +169,8 @@ class RolloutPool:
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} evaluation prompts but {len(seeds)} seeds")
-        workers = [slot.handle for slot in self._slots if not slot.retiring and slot.lost_since is None]
+        reachable = [slot.handle for slot in self._slots if not slot.retiring and slot.lost_since is None]
+        workers = reachable or self.workers  # with none reachable, the calls wait for the workers' restart
         size = self._cfg.eval.batch_size
         starts = range(0, len(prompts), size)
         refs = [
