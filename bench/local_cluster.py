@@ -38,11 +38,18 @@ def main(temp_dir: str, dashboard_port: int, head_resources: dict) -> None:
     """The cluster's side: start the head, then follow the commands on stdin."""
     from ray.cluster_utils import Cluster
 
+    # every node's agent on a port of its own: Ray's default (52365) may be taken by another Ray on this machine, and
+    # a head without its agent takes no job submissions
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "resources": head_resources, "temp_dir": temp_dir, "include_dashboard": True,
-        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port,
+        "dashboard_host": "127.0.0.1", "dashboard_port": dashboard_port, "dashboard_agent_listen_port": _free_port(),
         "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
     })
+    # where a submitted job's driver looks for its cluster ("auto"); `ray start` writes it, this in-process head not
+    # (without it the driver would take any Ray it finds on this machine)
+    from ray._private.utils import write_ray_address
+
+    write_ray_address(cluster.address, temp_dir)
     nodes = {}
     try:
         say(address=cluster.address, dashboard=f"http://127.0.0.1:{dashboard_port}")
@@ -53,7 +60,8 @@ def main(temp_dir: str, dashboard_port: int, head_resources: dict) -> None:
                 # each node its own temp folder, as on separate machines (a shared one would also share the copies of
                 # a submitted job's working folder, which every node unpacks anew)
                 nodes[name] = cluster.add_node(num_cpus=int(cpus), resources=json.loads(resources),
-                                               temp_dir=f"{temp_dir}-{name}-{len(nodes)}")
+                                               temp_dir=f"{temp_dir}-{name}-{len(nodes)}",
+                                               dashboard_agent_listen_port=_free_port())
                 cluster.wait_for_nodes()
                 say(name=name, node_id=nodes[name].node_id)
             elif command == "kill":
