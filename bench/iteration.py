@@ -19,7 +19,7 @@ import tempfile  # noqa: E402
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 
-from cluster.config import load_config  # noqa: E402
+from cluster.config_loading import load_config  # noqa: E402
 from cluster.runtime import start_ray  # noqa: E402
 from learner.driver import Job  # noqa: E402
 

@@ -30,7 +30,8 @@ from typing import Any  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cluster.config import ConfigError, load_config  # noqa: E402
+from cluster.config import ConfigError  # noqa: E402
+from cluster.config_loading import load_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

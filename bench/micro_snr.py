@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cluster.config import load_config  # noqa: E402
+from cluster.config_loading import load_config  # noqa: E402
 from learner.batch import batch_advantages, micro_batch, score_recorded_step  # noqa: E402
 from learner.checkpoint import load_tree  # noqa: E402
 from learner.loss import log_prob_scale, step_loss  # noqa: E402

@@ -27,7 +27,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cluster.config import JobConfig, RayConfig, load_config  # noqa: E402
+from cluster.config import JobConfig, RayConfig  # noqa: E402
+from cluster.config_loading import load_config  # noqa: E402
 from rollout.prompts.files import builtin_prompts  # noqa: E402
 from rollout.prompts.groups import GroupSampler  # noqa: E402
 

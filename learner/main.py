@@ -14,7 +14,8 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from cluster.config import ConfigError, JobConfig, load_config  # noqa: E402
+from cluster.config import ConfigError, JobConfig  # noqa: E402
+from cluster.config_loading import load_config  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

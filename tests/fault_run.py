@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 
 import ray  # noqa: E402
 
-from cluster.config import load_config  # noqa: E402
+from cluster.config_loading import load_config  # noqa: E402
 from cluster.runtime import start_ray  # noqa: E402
 from learner.driver import Job  # noqa: E402
 from rewards.registry import REGISTRY  # noqa: E402

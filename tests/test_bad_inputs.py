@@ -339,7 +339,7 @@ def test_the_cases_cover_the_list():
 
 def test_good_inputs_pass_the_preflight(tmp_path, tiny_model_dirs):
     """The corpus' base config passes every check, and the output folder probe leaves nothing behind."""
-    from cluster.config import load_config
+    from cluster.config_loading import load_config
     from learner.preflight import preflight
 
     out = tmp_path / "a" / "b"

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import ConfigError, JobConfig, load_config, validate_config
+from cluster.config import ConfigError, JobConfig
+from cluster.config_loading import load_config, validate_config
 from learner.main import main
 
 ROOT = Path(__file__).resolve().parents[1]

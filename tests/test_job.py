@@ -114,7 +114,7 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint_exits_2(tmp_path):
 def test_exported_lora_loads_into_diffusers_and_reproduces_the_evaluation(full_run):
     from diffusers import FluxPipeline
 
-    from cluster.config import load_config
+    from cluster.config_loading import load_config
     from rollout.prompts.sources import eval_prompts
 
     cfg = load_config(ROOT / "cluster/tiny.yaml", [f"output_dir={full_run}"] + BASE)
@@ -175,7 +175,7 @@ def test_ray_job_submit_runs_the_tiny_job(tmp_path):
 def test_the_driver_receives_no_model_state_while_checkpointing(ray_local, tiny_model_dirs, tmp_path, monkeypatch):
     import pickle
 
-    from cluster.config import load_config
+    from cluster.config_loading import load_config
     from learner.driver import Job
 
     cfg = load_config(ROOT / "cluster/tiny.yaml", BASE + [

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.config import PoolConfig, validate_config
+from cluster.config import PoolConfig
+from cluster.config_loading import validate_config
 from learner.actor import LearnerActor, deepspeed_config
 from learner.batch import batch_advantages, micro_batch, sample_order, score_recorded_step, sort_batch, update_plan
 from learner.group import ActorGroup

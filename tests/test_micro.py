@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import load_config
+from cluster.config_loading import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,8 @@ import pickle
 import pytest
 import torch
 
-from cluster.config import JobConfig, load_config
+from cluster.config import JobConfig
+from cluster.config_loading import load_config
 from rollout.models.loading import load_flow_model
 from rollout.prompts.groups import PromptGroup, sample_seed
 from rollout.sampling.forward import score_step

@@ -8,7 +8,8 @@ import time
 import pytest
 import torch
 
-from cluster.config import JobConfig, load_config
+from cluster.config import JobConfig
+from cluster.config_loading import load_config
 from rollout.pool import RolloutPool
 from rollout.prompts.files import builtin_prompts
 from rollout.prompts.groups import GroupSampler

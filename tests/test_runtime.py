@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.config import load_config
+from cluster.config_loading import load_config
 from cluster.runtime import ClusterTooSmall, check_pools_fit, pool_demand, start_ray
 
 ROOT = Path(__file__).resolve().parents[1]
