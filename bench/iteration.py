@@ -1,8 +1,8 @@
-"""Per-stage times and iteration wall time of the whole job, synchronous vs overlapped mode, in one run.
+"""Per-stage times and iteration wall time of the whole job, synchronous vs asynchronous mode, in one run.
 
     .venv/bin/python bench/iteration.py [--iterations 6] [--set key=value ...]
 
-Runs the tiny config (or any --cfg) twice on one local Ray: `learner.mode=sync`, then `overlapped` (max_staleness 1),
+Runs the tiny config (or any --cfg) twice on one local Ray: `learner.mode=sync`, then `async` (max_staleness 1),
 and prints the mean seconds per stage over the iterations after the first. Compare the two rows of one run, not
 absolute times: these machines vary up to 2x from run to run.
 """
@@ -52,7 +52,7 @@ def main() -> None:
         try:
             rows = {mode: measure(args.cfg, common + [f"output_dir={out}/{mode}", f"learner.mode={mode}",
                                                       "learner.max_staleness=1"])
-                    for mode in ("sync", "overlapped")}
+                    for mode in ("sync", "async")}
         finally:
             ray.shutdown()
     print(f"\n{args.cfg}, {args.iterations} iterations (mean seconds per iteration, first excluded)")

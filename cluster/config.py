@@ -181,8 +181,9 @@ class LearnerConfig(PoolConfig):
     advantage_std: Literal["global", "group"] = "global"
     advantage_clip: float = Field(5.0, gt=0.0)
     drop_zero_advantage: bool = False
-    mode: Literal["sync", "overlapped"] = "sync"
-    max_staleness: int = Field(1, ge=0, description="overlapped mode: policy versions a rollout may lag")
+    mode: Literal["sync", "async"] = Field("sync", description="async: rollouts sample ahead while the learner trains")
+    max_staleness: int = Field(1, ge=0, description="async mode: policy versions a trained group may lag, checked per "
+                               "group when its iteration starts (a staler one is sampled again); 0: synchronous")
     ema: EmaConfig = EmaConfig()
 
 

@@ -47,6 +47,8 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("groups_trained_total", "counter", "prompt groups trained on"),
     MetricSpec("groups_dropped_total", "counter", "prompt groups excluded because their reward failed"),
     MetricSpec("groups_requeued_total", "counter", "prompt groups sampled again because their rollout actor died"),
+    MetricSpec("groups_stale_total", "counter", "prompt groups sampled again because they were staler than "
+               "learner.max_staleness"),
     MetricSpec("actors_alive", "gauge", "actors per pool that the job holds and has not seen die", ("pool",)),
     MetricSpec("reward_mean", "gauge", "mean reward of the last batch, per scorer and weighted total", ("scorer",)),
     MetricSpec("reward_std", "gauge", "standard deviation of the last batch's rewards", ("scorer",)),

@@ -1,12 +1,14 @@
 """The job's loop, top to bottom: prompt groups → rollouts → rewards → advantages → learner → weights back.
 
 Synchronous mode samples each iteration with the weights its previous iteration produced (strictly on-policy). In
-overlapped mode the rollouts of iteration k+1 run while the learner trains on iteration k, so they are one iteration
-stale (`learner.max_staleness` ≥ 1 allows it; 0 keeps the synchronous order).
+asynchronous mode the rollouts keep sampling ahead while the learner trains, as far as `learner.max_staleness`
+allows: a group's staleness is the policy version when the iteration that trains it starts minus the version that
+sampled it, a group staler than the bound is sampled again (and counted), and max_staleness 0 is synchronous mode.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -17,7 +19,6 @@ from typing import Any, Callable
 
 import numpy as np
 import ray
-import torch
 from ray.exceptions import RayActorError
 from tqdm import tqdm
 
@@ -33,6 +34,7 @@ from learner.checkpoint import (
     load_trainer,
     resolve_resume,
 )
+from learner.evaluation import evaluate
 from learner.events import Events
 from learner.group import ActorGroup
 from learner.placement import check_where_placed, reserve_pools
@@ -40,8 +42,8 @@ from learner.preflight import absolute_paths
 from rewards.service import GroupRewards, RewardError, RewardService
 from rollout.models.loading import locate_configured
 from rollout.pool import RolloutPool
-from rollout.prompts.groups import GroupSampler
-from rollout.prompts.sources import eval_prompts, training_prompts
+from rollout.prompts.groups import GroupSampler, PromptGroup
+from rollout.prompts.sources import training_prompts
 from rollout.sampling.trajectory import Trajectories
 from rollout.weights import weight_store, weight_store_name
 
@@ -56,7 +58,7 @@ class Job:
         self.say = say
         self.metrics = Recorder(cfg.metrics.enabled)
         self.reported: dict[str, int] = {}  # running totals already added to the counters (record_total)
-        for name in ("groups_trained_total", "groups_dropped_total", "groups_requeued_total"):
+        for name in ("groups_trained_total", "groups_dropped_total", "groups_requeued_total", "groups_stale_total"):
             self.metrics.zero(name)
         for event in REWARD_EVENTS:
             self.metrics.zero("reward_events_total", event=event)
@@ -108,6 +110,8 @@ class Job:
         self.last_advantages: dict[str, float] = {}
         self.skipped_in_a_row = 0  # updates skipped for a non-finite loss or gradient, since the last applied one
         self.requeued_before = 0  # the rollout pool's re-queued groups before this iteration
+        self.stale = 0  # groups sampled again for staleness, this iteration
+        self.resumed_groups: list[PromptGroup] = []  # submitted, not trained when the checkpoint resumed from was taken
 
     # -----------------------------------------------------------------------------------------------------------------
 
@@ -118,6 +122,8 @@ class Job:
             trainer = load_trainer(folder, len(self.learner))
             self.learner_get(self.learner.run("load_shard", str(folder)))  # each rank reads its own shard
             self.sampler.load_state_dict(trainer["prompt_cursor"])
+            self.resumed_groups = [PromptGroup(g["group_id"], g["prompt"], g["metadata"], tuple(g["seeds"]))
+                                   for g in trainer.get("pending_groups", [])]
             self.iteration = trainer["iteration"]
             self.last_advantages = trainer.get("advantages", {})
             self.trim_history()
@@ -140,22 +146,22 @@ class Job:
     def run(self) -> list[dict[str, Any]]:
         """Train until `iterations`; return one summary dict per iteration."""
         cfg = self.cfg
-        overlapped = cfg.learner.mode == "overlapped" and cfg.learner.max_staleness >= 1
         history = []
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        self.pool.submit(self.sampler.take(self.groups_per_iteration))
+        self.pool.submit(self.resumed_groups)  # those a checkpoint had in flight, first
+        self.keep_in_flight(min(1, cfg.iterations - self.iteration))
         while self.iteration < cfg.iterations:
             it_started = time.perf_counter()
-            batch, rewards, times = self.collect()
-            next_cursor = None  # where the next batch was taken from: a checkpoint resumes there
-            if overlapped and self.iteration + 1 < cfg.iterations:
-                next_cursor = self.sampler.state_dict()
-                self.pool.submit(self.sampler.take(self.groups_per_iteration))  # sampled while the learner trains
-
             version_before = self.policy_version()
+            batch, rewards, times = self.collect(version_before)
+            # async: the next `ahead` iterations' groups are sampled while the learner trains on this one
+            self.keep_in_flight(min(self.ahead, cfg.iterations - self.iteration - 1))
+
             refs = [ray.put(t) for t in batch]
             started = time.perf_counter()
-            stats = self.learner_get(self.learner.run("train_iteration", refs, [r.total for r in rewards]))[0]
+            training = self.learner.run("train_iteration", refs, [r.total for r in rewards])
+            self.pool.pump_until(training[:1])  # async: the rollouts sample ahead while the learner trains
+            stats = self.learner_get(training)[0]
             times["train"] = time.perf_counter() - started
             times["weight_sync"] = stats["publish_s"]
             self.iteration += 1
@@ -163,11 +169,9 @@ class Job:
             self.last_advantages = {k: stats[k] for k in ("advantage_mean", "advantage_std", "zero_std_group_frac")
                                     if k in stats}
 
-            if not overlapped and self.iteration < cfg.iterations:
-                next_cursor = self.sampler.state_dict()
-                self.pool.submit(self.sampler.take(self.groups_per_iteration))
+            self.keep_in_flight(min(1, cfg.iterations - self.iteration))
             summary = self.summarise(batch, rewards, stats, times, version_before)
-            self.requeued_before = self.pool.requeued
+            self.requeued_before, self.stale = self.pool.requeued, 0
             self.events.watch_nodes()
             summary["events"] = self.events.take()
             if cfg.eval.every_n_iterations and (self.iteration % cfg.eval.every_n_iterations == 0
@@ -178,7 +182,7 @@ class Job:
             every = cfg.checkpoint.every_n_iterations
             if self.iteration == cfg.iterations or (every and self.iteration % every == 0):
                 started = time.perf_counter()
-                self.checkpoint(next_cursor if next_cursor is not None else self.sampler.state_dict())
+                self.checkpoint()
                 times["checkpoint"] = time.perf_counter() - started
             times["iteration"] = time.perf_counter() - it_started
             self.say(progress_line(self.iteration, cfg.iterations, summary, times))
@@ -213,8 +217,22 @@ class Job:
 
     # -----------------------------------------------------------------------------------------------------------------
 
-    def collect(self) -> tuple[list[Trajectories], list[GroupRewards], dict[str, float]]:
-        """One iteration's groups, each scored as soon as its rollout arrives; groups whose reward failed are dropped."""
+    @property
+    def ahead(self) -> int:
+        """Iterations of groups sampled ahead while the learner trains: none in sync mode; in async mode as many as
+        keep every group within the staleness bound, each iteration moving the policy updates_per_iteration versions."""
+        lc = self.cfg.learner
+        return lc.max_staleness // lc.updates_per_iteration if lc.mode == "async" else 0
+
+    def keep_in_flight(self, iterations: int) -> None:
+        """Submit new groups until `iterations` iterations' worth are queued or being sampled."""
+        missing = iterations * self.groups_per_iteration - self.pool.pending
+        if missing > 0:
+            self.pool.submit(self.sampler.take(missing))
+
+    def collect(self, version: int) -> tuple[list[Trajectories], list[GroupRewards], dict[str, float]]:
+        """One iteration's groups, each scored as soon as its rollout arrives; groups whose reward failed are dropped,
+        groups sampled more than learner.max_staleness versions before `version` are sampled again."""
         started = time.perf_counter()
         trajectories: dict[int, Trajectories] = {}
         handles = {}
@@ -226,6 +244,10 @@ class Job:
                     if not self.pool.pending:
                         raise RuntimeError("the rollout pool has nothing pending but the iteration is not complete")
                     self.events.watch_nodes()  # a slow group, or a lost node: say which
+                    continue
+                if version - traj.policy_version > self.cfg.learner.max_staleness:
+                    self.stale += 1
+                    self.pool.submit([PromptGroup(traj.group_id, traj.prompt, traj.metadata, traj.seeds)])
                     continue
                 trajectories[traj.group_id] = traj
                 n = traj.group_size
@@ -284,6 +306,7 @@ class Job:
             "staleness": max(version_before - t.policy_version for t in batch),
             "sampled_policy_versions": sorted({t.policy_version for t in batch}),
             "groups_requeued": self.pool.requeued - self.requeued_before,
+            "groups_stale": self.stale,
             **learner,
         }
 
@@ -310,6 +333,7 @@ class Job:
             m.set("actors_alive", alive, pool=pool)
         m.inc("groups_trained_total", summary["groups"])
         m.inc("groups_dropped_total", summary["groups_dropped"])
+        m.inc("groups_stale_total", summary["groups_stale"])
         self.record_total("groups_requeued_total", self.pool.requeued)
         c = self.rewards.counters
         for event, total in zip(REWARD_EVENTS, (c.retries, c.actor_failures, c.timeouts, c.nonfinite, c.groups_failed)):
@@ -322,39 +346,24 @@ class Job:
         self.reported[key] = total
 
     def evaluate(self) -> dict[str, Any]:
-        """ODE samples of the fixed evaluation prompts and seeds with the EMA weights (the policy when EMA is off):
-        a PNG grid under output_dir/eval and the mean of each scorer (GenEval per-tag accuracy when it is on)."""
-        cfg = self.cfg
-        items = eval_prompts(cfg.eval)
-        seeds = [cfg.eval.seed + i for i in range(len(items))]
+        """The evaluation of this iteration with the EMA weights (learner/evaluation.py)."""
         # ([ref], meta) of the EMA weights, put in the object store by rank 0: the weights never come through here
         weights = self.learner_get([self.learner.actors[0].packed_ema.remote()])[0]
-        images = self.pool.sample_eval([i.prompt for i in items], seeds, weights)
-        scored = self.rewards.score(images.numpy(), [i.prompt for i in items], [i.metadata for i in items],
-                                    group_id=-self.iteration)
-        result: dict[str, Any] = {name: float(s.mean()) for name, s in scored.scores.items()}
-        if "geneval/accuracy" in scored.metrics:
-            tags = [i.metadata.get("tag", "?") for i in items]
-            acc = scored.metrics["geneval/accuracy"]
-            result["geneval_accuracy_by_tag"] = {t: float(np.mean([a for a, tt in zip(acc, tags) if tt == t]))
-                                                 for t in sorted(set(tags))}
-        path = Path(cfg.output_dir) / "eval" / f"iter-{self.iteration:06d}.png"
-        save_grid(images, path)
-        result["grid"] = str(path)
-        return result
+        return evaluate(self.cfg, self.pool, self.rewards, weights, self.iteration)
 
-    def checkpoint(self, cursor: dict[str, Any]) -> Path:
+    def checkpoint(self) -> Path:
         """Each learner rank writes its own shard (rank 0 also the exported EMA LoRA) into the checkpoint's temporary
-        folder; then trainer.json (counters, the prompt cursor of the next batch) completes it. No model state passes
-        through the driver."""
+        folder; then trainer.json completes it: counters, the prompt cursor, and the groups submitted but not trained
+        yet (a resumed run samples them first). No model state passes through the driver."""
         tmp = begin_checkpoint(self.cfg, self.iteration)
         try:
             self.learner_get(self.learner.run("save_shard", str(tmp)))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        trainer = {"policy_version": self.policy_version(), "prompt_cursor": cursor,
-                   "advantages": self.last_advantages}
+        pending = [dataclasses.asdict(group) for group in self.pool.pending_groups()]
+        trainer = {"policy_version": self.policy_version(), "prompt_cursor": self.sampler.state_dict(),
+                   "pending_groups": pending, "advantages": self.last_advantages}
         return finish_checkpoint(self.cfg, tmp, self.iteration, trainer, len(self.learner))
 
 
@@ -367,23 +376,6 @@ def _iteration_of(history_line: str) -> float:
 
 class TrainingStopped(RuntimeError):
     """The job cannot go on (e.g. updates keep coming out non-finite); the message says what to do."""
-
-
-def save_grid(images: torch.Tensor, path: Path) -> None:
-    """uint8 (N, H, W, 3) images as one PNG grid, written atomically."""
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    cols = max(1, math.ceil(math.sqrt(n)))
-    rows = max(1, math.ceil(n / cols))
-    grid = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
-    for i, image in enumerate(images.numpy()):
-        r, c = divmod(i, cols)
-        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(grid).save(tmp, format="PNG")
-    tmp.replace(path)
 
 
 def progress_line(iteration: int, total: int, s: dict[str, Any], times: dict[str, float]) -> str:

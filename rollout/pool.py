@@ -71,6 +71,7 @@ class RolloutPool:
         self._queue: deque[PromptGroup] = deque()
         self._in_flight: dict[ray.ObjectRef, tuple[_Slot, PromptGroup]] = {}
         self._probes: dict[ray.ObjectRef, _Slot] = {}
+        self._done: deque[Trajectories] = deque()  # sampled, not yet taken by next_result
         self._attempts: dict[int, int] = {}
         self.requeued = 0  # groups queued again because their worker died or became unreachable
         self.deaths = 0  # calls lost to a worker that died or became unreachable
@@ -88,8 +89,13 @@ class RolloutPool:
 
     @property
     def pending(self) -> int:
-        """Groups submitted and not yet delivered (queued or being sampled)."""
-        return len(self._queue) + len(self._in_flight)
+        """Groups submitted and not yet delivered (queued, being sampled, or sampled and not taken yet)."""
+        return len(self._queue) + len(self._in_flight) + len(self._done)
+
+    def pending_groups(self) -> list[PromptGroup]:
+        """The groups submitted and not yet delivered: queued, being sampled, sampled and not taken yet."""
+        done = [PromptGroup(t.group_id, t.prompt, t.metadata, t.seeds) for t in self._done]
+        return list(self._queue) + [group for _, group in self._in_flight.values()] + done
 
     def submit(self, groups: Iterable[PromptGroup]) -> None:
         """Queue groups; idle workers start on them at once."""
@@ -103,40 +109,53 @@ class RolloutPool:
         while sampling is raised here; RolloutPoolLost when no worker has answered for `rollout.node_wait_s`.
         """
         end = None if timeout is None else time.monotonic() + timeout
-        while self.pending:
-            self._probe_lost()
-            waiting = list(self._in_flight) + list(self._probes)
-            wait_s = PROBE_INTERVAL_S if any(s.lost_since is not None for s in self._slots) else None
-            if end is not None:
-                left = max(0.0, end - time.monotonic())
-                wait_s = left if wait_s is None else min(wait_s, left)
-            if waiting:
-                ready, _ = ray.wait(waiting, num_returns=1, timeout=wait_s)
-            else:  # every worker unreachable and none due for a probe yet
-                ready = []
-                time.sleep(wait_s or 0.0)
-            if not ready:
-                if end is not None and time.monotonic() >= end:
-                    return None
-                continue
-            if ready[0] in self._probes:
-                self._probed(ready[0])
-                continue
-            slot, group = self._in_flight.pop(ready[0])
-            try:
-                result = ray.get(ready[0])
-            except (ActorUnavailableError, ObjectLostError):  # its node left, with the result maybe
-                self._unreachable(slot, group)
-                continue
-            except RayActorError as err:
-                self._worker_failed(slot, group, err)
-                continue
-            self._attempts.pop(group.group_id, None)
-            if slot.retiring:
-                self._remove(slot)
-            self._dispatch()
-            return result
-        return None
+        while not self._done and self.pending:
+            left = None if end is None else end - time.monotonic()
+            if left is not None and left <= 0:
+                return None
+            self._receive(left)
+        return self._done.popleft() if self._done else None
+
+    def pump_until(self, refs: Sequence[ray.ObjectRef]) -> None:
+        """Keep the workers sampling until one of `refs` (the learner's update, say) is ready: finished groups are
+        kept for next_result and each worker that finishes takes the next queued group."""
+        while not ray.wait(list(refs), num_returns=1, timeout=0)[0]:
+            if self._in_flight or self._probes:
+                self._receive(None, also=refs)
+            else:
+                ray.wait(list(refs), num_returns=1)
+
+    def _receive(self, timeout: float | None, also: Sequence[ray.ObjectRef] = ()) -> None:
+        """Wait (at most `timeout` s) until a call returns, a probe answers or one of `also` is ready, and handle a
+        returned call: its group is kept for next_result, or queued again if its worker died or went away."""
+        self._probe_lost()
+        waiting = list(self._in_flight) + list(self._probes) + list(also)
+        wait_s = PROBE_INTERVAL_S if any(s.lost_since is not None for s in self._slots) else None
+        if timeout is not None:
+            wait_s = timeout if wait_s is None else min(wait_s, timeout)
+        if not self._in_flight and not self._probes:  # every worker unreachable and none due for a probe yet
+            time.sleep(wait_s or 0.0)
+            return
+        ready, _ = ray.wait(waiting, num_returns=1, timeout=wait_s)
+        if not ready or ready[0] not in self._in_flight and ready[0] not in self._probes:
+            return
+        if ready[0] in self._probes:
+            self._probed(ready[0])
+            return
+        slot, group = self._in_flight.pop(ready[0])
+        try:
+            result = ray.get(ready[0])
+        except (ActorUnavailableError, ObjectLostError):  # its node left, with the result maybe
+            self._unreachable(slot, group)
+            return
+        except RayActorError as err:
+            self._worker_failed(slot, group, err)
+            return
+        self._attempts.pop(group.group_id, None)
+        if slot.retiring:
+            self._remove(slot)
+        self._done.append(result)
+        self._dispatch()
 
     def results(self) -> Iterator[Trajectories]:
         """Every pending group's trajectories, as they finish."""
@@ -199,6 +218,7 @@ class RolloutPool:
         self._queue.clear()
         self._in_flight.clear()
         self._probes.clear()
+        self._done.clear()
 
     # -----------------------------------------------------------------------------------------------------------------
 

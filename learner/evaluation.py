@@ -1,0 +1,52 @@
+"""Evaluation: ODE samples of fixed prompts and seeds, scored by the job's rewards, saved as a PNG grid."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cluster.config import JobConfig
+from rewards.service import RewardService
+from rollout.pool import RolloutPool
+from rollout.prompts.sources import eval_prompts
+
+
+def evaluate(cfg: JobConfig, pool: RolloutPool, rewards: RewardService, weights: Any, iteration: int) -> dict[str, Any]:
+    """ODE samples of the fixed evaluation prompts and seeds with `weights` ([ref], meta) (the EMA; the policy when
+    None): a PNG grid under output_dir/eval and the mean of each scorer (GenEval per-tag accuracy when it is on)."""
+    items = eval_prompts(cfg.eval)
+    seeds = [cfg.eval.seed + i for i in range(len(items))]
+    images = pool.sample_eval([i.prompt for i in items], seeds, weights)
+    scored = rewards.score(images.numpy(), [i.prompt for i in items], [i.metadata for i in items],
+                           group_id=-iteration)
+    result: dict[str, Any] = {name: float(s.mean()) for name, s in scored.scores.items()}
+    if "geneval/accuracy" in scored.metrics:
+        tags = [i.metadata.get("tag", "?") for i in items]
+        acc = scored.metrics["geneval/accuracy"]
+        result["geneval_accuracy_by_tag"] = {t: float(np.mean([a for a, tt in zip(acc, tags) if tt == t]))
+                                             for t in sorted(set(tags))}
+    path = Path(cfg.output_dir) / "eval" / f"iter-{iteration:06d}.png"
+    save_grid(images, path)
+    result["grid"] = str(path)
+    return result
+
+
+def save_grid(images: torch.Tensor, path: Path) -> None:
+    """uint8 (N, H, W, 3) images as one PNG grid, written atomically."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    cols = max(1, math.ceil(math.sqrt(n)))
+    rows = max(1, math.ceil(n / cols))
+    grid = np.full((rows * h, cols * w, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images.numpy()):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(grid).save(tmp, format="PNG")
+    tmp.replace(path)
