@@ -91,6 +91,19 @@ def stop_processes_of(temp_dir: Path) -> None:
     psutil.wait_procs(victims, timeout=20)
 
 
+def submit_job(ray_bin: str, dashboard: str, command: list[str], cwd: Path, env: dict[str, str],
+               wait_s: float = 240.0) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir . -- COMMAND` to the cluster whose dashboard is `dashboard`, waiting for it;
+    submitted again while the head's job agent is still starting (Ray refuses the job then, and runs nothing)."""
+    end = time.monotonic() + wait_s
+    while True:
+        r = subprocess.run([ray_bin, "job", "submit", f"--address={dashboard}", "--working-dir", ".", "--", *command],
+                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        if "No available agent to submit job" not in r.stdout + r.stderr or time.monotonic() > end:
+            return r
+        time.sleep(3)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -182,6 +182,8 @@ class LearnerConfig(PoolConfig):
     advantage_clip: float = Field(5.0, gt=0.0)
     drop_zero_advantage: bool = False
     mode: Literal["sync", "async"] = Field("sync", description="async: rollouts sample ahead while the learner trains")
+    publish_bucket_mb: float = Field(512.0, gt=0.0, description="the published weights go to the rollout actors in "
+                                     "buckets of at most this size (one for a LoRA adapter)")
     max_staleness: int = Field(1, ge=0, description="async mode: policy versions a trained group may lag, checked per "
                                "group when its iteration starts (a staler one is sampled again); 0: synchronous")
     ema: EmaConfig = EmaConfig()

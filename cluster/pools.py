@@ -141,12 +141,24 @@ class ActorPool:
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
         ).remote(fn, *args)
 
+    @property
+    def free_bundles(self) -> int:
+        """Bundles reserved and holding no actor."""
+        return len(self._free)
+
     def release(self, handle: Any) -> None:
-        """End an actor for good (no restart); its bundle takes the next spawn."""
+        """End an actor for good (no restart); its bundle takes the next spawn, and a placement group reserved to grow
+        the pool goes back to the cluster once none of its bundles holds an actor."""
         ray.kill(handle, no_restart=True)
         held = self._held.pop(handle._actor_id, None)
-        if held is not None:
-            self._free.append(held[1:])
+        if held is None:
+            return
+        group = held[1]
+        self._free.append(held[1:])
+        if group is not self._groups[0] and not any(g is group for _, g, _ in self._held.values()):
+            self._free = [(g, index) for g, index in self._free if g is not group]
+            self._groups.remove(group)
+            remove_placement_group(group)
 
     def shutdown(self) -> None:
         """End every actor and give the reserved resources back."""
@@ -161,9 +173,9 @@ def _on_node(fn: Any, *args: Any) -> tuple[str, Any]:
     return ray.get_runtime_context().get_node_id(), fn(*args)
 
 
-def service_actor(actor_cls: type, name: str, *args: Any, **kwargs: Any) -> Any:
-    """The job's named actor `name` of `actor_cls` (created, or found when it exists) on this process's node, taking
-    no CPU; it lives as long as the process that created it."""
+def service_actor(actor_cls: type, name: str, *args: Any, exclusive: bool = False, **kwargs: Any) -> Any:
+    """The job's named actor `name` of `actor_cls` on this process's node, taking no CPU; it lives as long as the
+    process that created it. An existing one of that name is returned, unless `exclusive`: then ValueError."""
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(actor_cls).options(name=name, num_cpus=0, get_if_exists=True,
+    return ray.remote(actor_cls).options(name=name, num_cpus=0, get_if_exists=not exclusive,
                                          scheduling_strategy=here).remote(*args, **kwargs)

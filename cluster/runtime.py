@@ -44,7 +44,7 @@ def start_ray(cfg: RayConfig, metrics_port: int | None = None) -> str:
         return f"joined the Ray cluster at {address}"
     if os.environ.get(LOOPBACK_ENV) != "0":
         raise RuntimeError(f"{LOOPBACK_ENV}=0 must be set before `import ray`, or a local Ray listens on every address")
-    ray.init(
+    context = ray.init(
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
         include_dashboard=cfg.include_dashboard,
@@ -53,7 +53,7 @@ def start_ray(cfg: RayConfig, metrics_port: int | None = None) -> str:
         _metrics_export_port=metrics_port or None,
         log_to_driver=True,
     )
-    return f"started a local Ray on {cfg.host}"
+    return f"started a local Ray on {cfg.host} (address {context.address_info['gcs_address']})"
 
 
 def metrics_endpoint(discovery: bool) -> str:

@@ -8,14 +8,11 @@ The driver builds the group and calls, on all ranks at once:
     ray.get(group.run("setup", cfg, negative=negative_embeds, store=weight_store(cfg.run_name)))
     metrics = ray.get(group.run("train_iteration", groups_ref, rewards_ref))[0]
 
-Gradient accumulation: every rank runs M micro-batches × K trained steps per optimizer update (M =
-images_per_iteration / (updates_per_iteration × ranks × micro_batch_size), K = cfg.trained_steps) and calls
-`engine.backward` once per (micro-batch, step) with that call's mean loss; DeepSpeed divides by its accumulation count
-M·K and averages over ranks, so an update's gradient is the mean over its micro-batches and steps.
+Gradient accumulation: see learner/engine.py.
 
-Weights out: after an iteration's updates rank 0 publishes the policy state (peft LoRA keys, or the full state dict) as
-one flat buffer to the WeightStore, version = optimizer updates applied so far; under ZeRO-3 every rank takes part in
-gathering it. The EMA (rank 0, CPU float32) has the same keys. The recorded log-probs are reproduced exactly only when
+Weights out: after an iteration's updates rank 0 publishes the policy state (peft LoRA keys, or the full state dict)
+to the WeightStore in buckets of at most learner.publish_bucket_mb, version = optimizer updates applied so far; under
+ZeRO-3 every rank takes part in gathering each bucket. The EMA (rank 0, CPU float32) has the same keys. The recorded log-probs are reproduced exactly only when
 the learner computes as the rollout did: `learner.precision` matching `model.dtype`, and `lora.dropout` 0 (the module
 then stays in eval mode, as for sampling).
 """
@@ -25,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,51 +41,22 @@ from learner.batch import (
 )
 from learner.checkpoint import export_lora, fill_live, load_tree, rank_stem, save_tree
 from learner.ema import Ema
+from learner.engine import PRECISION_DTYPES, EngineForward, deepspeed_config, micro_batches_per_update
 from learner.group import DistributedActor
 from learner.grpo import nonzero_advantage_indices
 from learner.loss import UpdateStats, adapter_disabled, log_prob_scale, step_loss
 from rollout.models.contract import FlowModel, PromptEmbeds
 from rollout.models.loading import load_configured
 from rollout.sampling.trajectory import Trajectories
-from rollout.weights import add_lora, apply_policy_state, pack_state, policy_state, publish_weights
-
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def micro_batches_per_update(cfg: JobConfig) -> int:
-    """M: micro-batches per rank per optimizer update (fixed: DeepSpeed's accumulation count depends on it)."""
-    lc = cfg.learner
-    return cfg.data.images_per_iteration // (lc.updates_per_iteration * lc.num_actors * lc.micro_batch_size)
-
-
-def deepspeed_config(cfg: JobConfig) -> dict[str, Any]:
-    """The DeepSpeed config of the job: ZeRO stage, precision, clipping, and M·K accumulation steps per update."""
-    lc = cfg.learner
-    return {
-        "train_micro_batch_size_per_gpu": lc.micro_batch_size,
-        "gradient_accumulation_steps": micro_batches_per_update(cfg) * cfg.trained_steps,
-        "gradient_clipping": lc.max_grad_norm,
-        "zero_optimization": {"stage": lc.zero_stage},
-        # a non-finite gradient norm skips the step (DeepSpeed checks it for fp32 always, for bf16 only with this)
-        "bf16": {"enabled": lc.precision == "bf16", "check_grad_overflow": True},
-        "zero_allow_untested_optimizer": True,  # torch's AdamW: DeepSpeed's own would JIT-compile FusedAdam
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-
-
-class EngineForward:
-    """The transformer as `FlowModel.velocity` sees it: calls run the DeepSpeed engine's forward (which arms its
-    backward hooks), attributes such as `config` are the module's (the engine's own `config` is DeepSpeed's)."""
-
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.engine(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.engine.module, name)
+from rollout.weights import (
+    PackedState,
+    add_lora,
+    apply_policy_state,
+    policy_state,
+    publish_weights,
+    put_buckets,
+    split_buckets,
+)
 
 
 class LearnerActor(DistributedActor):
@@ -311,34 +279,61 @@ class LearnerActor(DistributedActor):
             state = policy_state(self.module, self.cfg.learner.finetune)
             return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
+    def _policy_buckets(self) -> Iterator[dict[str, torch.Tensor]]:
+        """The policy weights as CPU copies, a bucket of at most learner.publish_bucket_mb at a time (a LoRA adapter is
+        gathered at once, then cut); every rank iterates (ZeRO-3 gathers each bucket), rank 0 gets the buckets."""
+        bucket_bytes = int(self.cfg.learner.publish_bucket_mb * 2**20)
+        if self.cfg.learner.finetune == "lora":
+            state = self._policy_state(everyone=False)
+            for bucket in split_buckets(state.items(), bucket_bytes) if state is not None else ():
+                yield dict(bucket)
+            return
+        entries = list(self.module.state_dict(keep_vars=True).items())  # parameters unmaterialised under ZeRO-3
+
+        def nbytes(t: torch.Tensor) -> int:
+            return getattr(t, "ds_numel", t.numel()) * t.element_size()
+
+        for bucket in split_buckets(entries, bucket_bytes, nbytes):
+            with self._gathered([t for _, t in bucket if isinstance(t, torch.nn.Parameter)]):
+                if self.rank == 0:
+                    yield {name: t.detach().to("cpu", copy=True) for name, t in bucket}
+
     def publish(self) -> int | None:
         """Publish the current weights to the WeightStore as version = optimizer updates so far (rank 0; all call).
 
-        One flat CPU buffer, put in the object store once. Returns the version published, or None (no store, or
+        Bucket by bucket: each is packed into one flat CPU buffer and put in the object store before the next is
+        copied, so the publisher holds one bucket at a time. Returns the version published, or None (no store, or
         not rank 0).
         """
         started = time.perf_counter()
-        state = self._policy_state(everyone=False)
+        buckets = self._policy_buckets()
         if self.rank != 0 or self.store is None:
+            for _ in buckets:  # the other ranks take part in gathering
+                pass
             return None
-        publish_weights(self.store, self.policy_version, state)
+        sizes: list[int] = []
+
+        def counted() -> Iterator[dict[str, torch.Tensor]]:
+            for bucket in buckets:
+                sizes.append(sum(t.numel() * t.element_size() for t in bucket.values()))
+                yield bucket
+
+        publish_weights(self.store, self.policy_version, counted())
         self.metrics.set("weight_sync_seconds", time.perf_counter() - started)
-        self.metrics.inc("weight_sync_bytes_total", sum(t.numel() * t.element_size() for t in state.values()))
+        self.metrics.inc("weight_sync_bytes_total", sum(sizes))
         return self.policy_version
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The policy weights as published (peft LoRA keys, or the full state), CPU copies; all ranks call."""
         return self._policy_state(everyone=True)
 
-    def packed_ema(self) -> tuple[list[Any], list] | None:
-        """The EMA weights put in the object store as one flat buffer, `([ref], meta)` as rollout workers take them;
-        None off rank 0 or when the EMA is off."""
-        import ray
-
+    def packed_ema(self) -> PackedState | None:
+        """The EMA weights put in the object store in buckets, as rollout workers take them; None off rank 0 or when
+        the EMA is off."""
         if self.ema is None:
             return None
-        buffer, meta = pack_state(self.ema.weights)
-        return [ray.put(buffer)], meta
+        bucket_bytes = int(self.cfg.learner.publish_bucket_mb * 2**20)
+        return put_buckets(dict(b) for b in split_buckets(self.ema.weights.items(), bucket_bytes))
 
     def ema_state(self) -> dict[str, torch.Tensor] | None:
         """The EMA weights (CPU float32, same keys as `trainable_state`) on rank 0; None elsewhere or when disabled."""

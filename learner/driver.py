@@ -14,16 +14,15 @@ import math
 import shutil
 import time
 import uuid
+from collections import deque
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
-import numpy as np
 import ray
 from ray.exceptions import RayActorError
 from tqdm import tqdm
 
 from cluster.config import JobConfig
-from cluster.metrics import REWARD_EVENTS, STAGES, Recorder
 from cluster.runtime import joins_cluster
 from learner.actor import LearnerActor
 from learner.checkpoint import (
@@ -34,12 +33,14 @@ from learner.checkpoint import (
     load_trainer,
     resolve_resume,
 )
+from learner.commands import Commands
 from learner.evaluation import evaluate
 from learner.events import Events
 from learner.group import ActorGroup
 from learner.placement import check_where_placed, reserve_pools
 from learner.preflight import absolute_paths
-from rewards.service import GroupRewards, RewardError, RewardService
+from learner.report import Metrics, progress_line, summarise
+from rewards.service import GroupRewards, RewardError, RewardHandle, RewardService
 from rollout.models.loading import locate_configured
 from rollout.pool import RolloutPool
 from rollout.prompts.groups import GroupSampler, PromptGroup
@@ -53,17 +54,12 @@ NODE_WATCH_S = 5.0  # while waiting for rollouts, look for lost nodes this often
 class Job:
     """The actors of one training job and the loop that drives them."""
 
-    def __init__(self, cfg: JobConfig, say: Callable[[str], None] = print) -> None:
+    def __init__(self, cfg: JobConfig, say: Callable[[str], None] = print,
+                 actor_classes: dict[str, type] | None = None) -> None:
+        """`actor_classes`: stand-ins for some pools' actor classes (see learner.placement.reserve_pools)."""
         self.cfg = cfg = absolute_paths(cfg)
         self.say = say
-        self.metrics = Recorder(cfg.metrics.enabled)
-        self.reported: dict[str, int] = {}  # running totals already added to the counters (record_total)
-        for name in ("groups_trained_total", "groups_dropped_total", "groups_requeued_total", "groups_stale_total"):
-            self.metrics.zero(name)
-        for event in REWARD_EVENTS:
-            self.metrics.zero("reward_events_total", event=event)
-        for stage in STAGES:
-            self.metrics.set("stage_seconds", 0.0, stage=stage)
+        self.metrics = Metrics(cfg.metrics.enabled)
         self.sampler = GroupSampler(training_prompts(cfg.data, seed=cfg.seed), group_size=cfg.data.group_size,
                                     seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.groups_per_iteration = cfg.data.images_per_iteration // cfg.data.group_size
@@ -73,9 +69,10 @@ class Job:
         started = time.perf_counter()
         lc = cfg.learner
         self.events = Events(say)
+        self.commands = Commands(cfg.run_name, cfg.ray.namespace, say)  # a second job of this name stops here
         with tqdm(total=4, desc="starting", unit="step", leave=False, disable=None) as bar:
             bar.set_postfix_str("placement")
-            pools = reserve_pools(cfg)  # every pool placed before any model loads
+            pools = reserve_pools(cfg, actor_classes)  # every pool placed before any model loads
             try:
                 if joins_cluster(cfg.ray):  # the files the actors read, checked on their nodes
                     for line in check_where_placed(cfg, pools):
@@ -101,6 +98,7 @@ class Job:
             bar.set_postfix_str("learner")
             self.learner = ActorGroup(LearnerActor, lc, actors=pools["learner"])
             info = self.learner_get(self.learner.run("setup", cfg, negative, self.store))[0]
+            self.learner_nodes = [node[:8] for node in self.learner_get(self.learner.run("node"))]
             bar.update(1)
         scorer_actors = sum(cfg.rewards.pool_of(s).num_actors for s in cfg.rewards.scorers)
         say(f"actors up in {time.perf_counter() - started:.1f} s: {self.pool.num_workers} rollout, "
@@ -112,6 +110,7 @@ class Job:
         self.requeued_before = 0  # the rollout pool's re-queued groups before this iteration
         self.stale = 0  # groups sampled again for staleness, this iteration
         self.resumed_groups: list[PromptGroup] = []  # submitted, not trained when the checkpoint resumed from was taken
+        self.arrived: deque[tuple[Trajectories, RewardHandle]] = deque()  # sampled, being scored, not trained yet
 
     # -----------------------------------------------------------------------------------------------------------------
 
@@ -160,8 +159,9 @@ class Job:
             refs = [ray.put(t) for t in batch]
             started = time.perf_counter()
             training = self.learner.run("train_iteration", refs, [r.total for r in rewards])
-            self.pool.pump_until(training[:1])  # async: the rollouts sample ahead while the learner trains
+            self.score_arrivals(until=training[:1])  # async: rollouts and rewards go on while the learner trains
             stats = self.learner_get(training)[0]
+            self.serve_commands()
             times["train"] = time.perf_counter() - started
             times["weight_sync"] = stats["publish_s"]
             self.iteration += 1
@@ -170,7 +170,8 @@ class Job:
                                     if k in stats}
 
             self.keep_in_flight(min(1, cfg.iterations - self.iteration))
-            summary = self.summarise(batch, rewards, stats, times, version_before)
+            summary = summarise(self.iteration, batch, rewards, stats, version_before, self.groups_per_iteration,
+                                self.pool.requeued - self.requeued_before, self.stale)
             self.requeued_before, self.stale = self.pool.requeued, 0
             self.events.watch_nodes()
             summary["events"] = self.events.take()
@@ -186,7 +187,12 @@ class Job:
                 times["checkpoint"] = time.perf_counter() - started
             times["iteration"] = time.perf_counter() - it_started
             self.say(progress_line(self.iteration, cfg.iterations, summary, times))
-            self.record(summary, times)
+            self.metrics.record(summary, times, in_flight=self.pool.pending + len(self.arrived),
+                                requeued_total=self.pool.requeued,
+                                reward_counters=self.rewards.counters,
+                                alive={"rollout": self.pool.num_workers, "rewards": self.rewards.num_alive(),
+                                       "learner": len(self.learner)})
+            self.commands.publish(self.snapshot(summary["policy_version"]))
             history.append({**summary, "times": dict(times)})
             with open(Path(cfg.output_dir) / "history.jsonl", "a") as f:  # one line per iteration, for plots
                 f.write(json.dumps(history[-1]) + "\n")
@@ -209,7 +215,8 @@ class Job:
                          f"({self.skipped_in_a_row} in a row, the job stops at {limit})")
 
     def shutdown(self) -> None:
-        for close in (self.pool.shutdown, self.rewards.shutdown, self.learner.kill, lambda: ray.kill(self.store)):
+        for close in (self.pool.shutdown, self.rewards.shutdown, self.learner.kill, lambda: ray.kill(self.store),
+                      self.commands.close):
             try:
                 close()
             except Exception:  # noqa: BLE001 - best effort at the end of a job
@@ -226,47 +233,84 @@ class Job:
 
     def keep_in_flight(self, iterations: int) -> None:
         """Submit new groups until `iterations` iterations' worth are queued or being sampled."""
-        missing = iterations * self.groups_per_iteration - self.pool.pending
+        missing = iterations * self.groups_per_iteration - self.pool.pending - len(self.arrived)
         if missing > 0:
             self.pool.submit(self.sampler.take(missing))
 
     def collect(self, version: int) -> tuple[list[Trajectories], list[GroupRewards], dict[str, float]]:
-        """One iteration's groups, each scored as soon as its rollout arrives; groups whose reward failed are dropped,
-        groups sampled more than learner.max_staleness versions before `version` are sampled again."""
+        """One iteration's groups in the order they were sampled, each scored since it arrived; groups whose reward
+        failed are dropped, groups sampled more than learner.max_staleness versions before `version` are sampled
+        again."""
         started = time.perf_counter()
-        trajectories: dict[int, Trajectories] = {}
-        handles = {}
+        chosen: dict[int, tuple[Trajectories, RewardHandle]] = {}
         with tqdm(total=self.groups_per_iteration, desc=f"rollout {self.iteration + 1}", unit="group",
                   leave=False, disable=None) as bar:
-            while len(trajectories) < self.groups_per_iteration:
-                traj = self.pool.next_result(timeout=NODE_WATCH_S)
-                if traj is None:
-                    if not self.pool.pending:
-                        raise RuntimeError("the rollout pool has nothing pending but the iteration is not complete")
-                    self.events.watch_nodes()  # a slow group, or a lost node: say which
+            while len(chosen) < self.groups_per_iteration:
+                if not self.arrived:
+                    if not self.score_arrivals(timeout=NODE_WATCH_S):
+                        if not self.pool.pending:
+                            raise RuntimeError("the rollout pool has nothing pending but the iteration is not complete")
+                        self.events.watch_nodes()  # a slow group, or a lost node: say which
+                    self.serve_commands()
                     continue
+                traj, handle = self.arrived.popleft()
                 if version - traj.policy_version > self.cfg.learner.max_staleness:
                     self.stale += 1
+                    self.rewards.drop(handle)
                     self.pool.submit([PromptGroup(traj.group_id, traj.prompt, traj.metadata, traj.seeds)])
                     continue
-                trajectories[traj.group_id] = traj
-                n = traj.group_size
-                handles[traj.group_id] = self.rewards.submit(traj.images.numpy(), [traj.prompt] * n,
-                                                             [traj.metadata] * n, group_id=traj.group_id)
+                chosen[traj.group_id] = (traj, handle)
                 bar.update(1)
         rollout_done = time.perf_counter()
         batch, rewards = [], []
-        for group_id in sorted(handles):
+        for group_id in sorted(chosen):
+            traj, handle = chosen[group_id]
             try:
-                scored = self.rewards.collect(handles[group_id])
+                scored = self.rewards.collect(handle)
             except RewardError as e:
-                self.say(f"group {group_id} ({trajectories[group_id].prompt!r}) dropped: {e}")
+                self.say(f"group {group_id} ({traj.prompt!r}) dropped: {e}")
                 continue
-            batch.append(trajectories[group_id])
+            batch.append(traj)
             rewards.append(scored)
         if not batch:
             raise RuntimeError(f"every group of iteration {self.iteration + 1} failed its reward")
         return batch, rewards, {"rollout": rollout_done - started, "reward": time.perf_counter() - rollout_done}
+
+    def score_arrivals(self, timeout: float | None = None, until: Sequence[ray.ObjectRef] = ()) -> int:
+        """Hand each group the rollouts finish to the reward service as it arrives, until `timeout` s pass or one of
+        `until` is ready (or, with neither, until one group arrives); the number that arrived."""
+        end = None if timeout is None else time.monotonic() + timeout
+        arrived = 0
+        while not (until and ray.wait(list(until), timeout=0)[0]):
+            left = None if end is None else max(0.0, end - time.monotonic())
+            traj = self.pool.next_result(timeout=left, until=until)
+            if traj is None:
+                if until and not self.pool.pending:
+                    ray.wait(list(until))  # nothing left to sample: wait for the update
+                if not until or left == 0.0:
+                    break
+                continue
+            n = traj.group_size
+            handle = self.rewards.submit(traj.images.numpy(), [traj.prompt] * n, [traj.metadata] * n,
+                                         group_id=traj.group_id)
+            self.arrived.append((traj, handle))
+            arrived += 1
+            if not until:
+                break
+        return arrived
+
+    def serve_commands(self) -> None:
+        """Carry out the requests of `python -m cluster.scale`; after a change, the gauge and the snapshot follow."""
+        if self.commands.serve(self.pool):
+            self.metrics.recorder.set("actors_alive", self.pool.num_workers, pool="rollout")
+            self.commands.publish(self.snapshot(self.policy_version()))
+
+    def snapshot(self, version: int) -> dict[str, Any]:
+        """Each pool's actors, their nodes and the policy version they hold, for `python -m cluster.scale --show`."""
+        learner = [{"name": f"rank-{rank}", "node": node, "policy_version": version}
+                   for rank, node in enumerate(self.learner_nodes)]
+        return {"iteration": self.iteration, "policy_version": version,
+                "pools": {"rollout": self.pool.describe(), "learner": learner, **self.rewards.describe()}}
 
     def learner_get(self, refs: list[ray.ObjectRef]) -> list[Any]:
         """The results of learner calls; a learner rank that died (its node lost, say) stops the job with a message
@@ -282,68 +326,6 @@ class Job:
 
     def policy_version(self) -> int:
         return int(self.learner_get([self.learner.actors[0].counters.remote()])[0]["optimizer_steps"])
-
-    def summarise(self, batch: list[Trajectories], rewards: list[GroupRewards], stats: dict[str, Any],
-                  times: dict[str, float], version_before: int) -> dict[str, Any]:
-        """The numbers of one iteration: rewards per scorer, learner statistics (mean over updates), staleness."""
-        total = np.concatenate([r.total for r in rewards])
-        scores = {name: np.concatenate([r.scores[name] for r in rewards]) for name in rewards[0].scores}
-        updates = stats["updates"]
-        learner = {k: float(np.mean([u[k] for u in updates])) for k in
-                   ("loss", "policy_loss", "kl", "clip_frac", "ratio_mean", "ratio_std", "approx_kl", "grad_norm")}
-        return {
-            "iteration": self.iteration,
-            "policy_version": stats["policy_version"],
-            "groups": len(batch),
-            "group_ids": [t.group_id for t in batch],
-            "samples": stats["samples"],
-            "groups_dropped": self.groups_per_iteration - len(batch),
-            "reward_mean": float(total.mean()),
-            "reward_std": float(total.std()),
-            "rewards": {name: float(s.mean()) for name, s in scores.items()},
-            "rewards_std": {name: float(s.std()) for name, s in scores.items()},
-            "zero_std_group_frac": stats.get("zero_std_group_frac", 0.0),
-            "staleness": max(version_before - t.policy_version for t in batch),
-            "sampled_policy_versions": sorted({t.policy_version for t in batch}),
-            "groups_requeued": self.pool.requeued - self.requeued_before,
-            "groups_stale": self.stale,
-            **learner,
-        }
-
-    def record(self, summary: dict[str, Any], times: dict[str, float]) -> None:
-        """The iteration's numbers as Prometheus metrics (cluster/metrics.py)."""
-        m = self.metrics
-        m.set("iteration", self.iteration)
-        for name in ("policy_version", "staleness", "loss", "kl", "clip_frac", "ratio_mean", "ratio_std", "approx_kl",
-                     "grad_norm", "zero_std_group_frac"):
-            m.set(name, summary[name])
-        for stage, seconds in times.items():
-            m.set("stage_seconds", seconds, stage=stage)
-        m.set("reward_mean", summary["reward_mean"], scorer="total")
-        m.set("reward_std", summary["reward_std"], scorer="total")
-        for scorer in summary["rewards"]:
-            m.set("reward_mean", summary["rewards"][scorer], scorer=scorer)
-            m.set("reward_std", summary["rewards_std"][scorer], scorer=scorer)
-        for scorer, value in summary.get("eval", {}).items():
-            if isinstance(value, float):
-                m.set("eval_reward_mean", value, scorer=scorer)
-        m.set("groups_in_flight", self.pool.pending)
-        for pool, alive in (("rollout", self.pool.num_workers), ("rewards", self.rewards.num_alive()),
-                            ("learner", len(self.learner))):
-            m.set("actors_alive", alive, pool=pool)
-        m.inc("groups_trained_total", summary["groups"])
-        m.inc("groups_dropped_total", summary["groups_dropped"])
-        m.inc("groups_stale_total", summary["groups_stale"])
-        self.record_total("groups_requeued_total", self.pool.requeued)
-        c = self.rewards.counters
-        for event, total in zip(REWARD_EVENTS, (c.retries, c.actor_failures, c.timeouts, c.nonfinite, c.groups_failed)):
-            self.record_total("reward_events_total", total, event=event)
-
-    def record_total(self, name: str, total: int, **labels: str) -> None:
-        """Add to a counter what a running total gained since the last call."""
-        key = name + repr(sorted(labels.items()))
-        self.metrics.inc(name, total - self.reported.get(key, 0), **labels)
-        self.reported[key] = total
 
     def evaluate(self) -> dict[str, Any]:
         """The evaluation of this iteration with the EMA weights (learner/evaluation.py)."""
@@ -361,7 +343,8 @@ class Job:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        pending = [dataclasses.asdict(group) for group in self.pool.pending_groups()]
+        arrived = [PromptGroup(t.group_id, t.prompt, t.metadata, t.seeds) for t, _ in self.arrived]
+        pending = [dataclasses.asdict(group) for group in arrived + self.pool.pending_groups()]
         trainer = {"policy_version": self.policy_version(), "prompt_cursor": self.sampler.state_dict(),
                    "pending_groups": pending, "advantages": self.last_advantages}
         return finish_checkpoint(self.cfg, tmp, self.iteration, trainer, len(self.learner))
@@ -376,17 +359,3 @@ def _iteration_of(history_line: str) -> float:
 
 class TrainingStopped(RuntimeError):
     """The job cannot go on (e.g. updates keep coming out non-finite); the message says what to do."""
-
-
-def progress_line(iteration: int, total: int, s: dict[str, Any], times: dict[str, float]) -> str:
-    """One line per iteration: rewards, learner statistics, stage seconds."""
-    stages = " ".join(f"{k} {v:.1f}s" for k, v in times.items())
-    scorers = ", ".join(f"{k} {v:.5g}" for k, v in s["rewards"].items())
-    line = (f"iter {iteration}/{total} v{s['policy_version']} | reward {s['reward_mean']:.5g} ± {s['reward_std']:.3g} "
-            f"({scorers}) | loss {s['loss']:.3g} kl {s['kl']:.3g} clip {s['clip_frac']:.2f} "
-            f"ratio {s['ratio_mean']:.6f} ± {s['ratio_std']:.2g} gnorm {s['grad_norm']:.3g} "
-            f"zero-std {s['zero_std_group_frac']:.2f} stale {s['staleness']} | {stages}")
-    if "eval" in s:
-        means = ", ".join(f"{k} {v:.4f}" for k, v in s["eval"].items() if isinstance(v, float))
-        line += f" | eval {means} -> {s['eval']['grid']}"
-    return line

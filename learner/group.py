@@ -47,6 +47,10 @@ class DistributedActor:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), LOCAL_RANK="0",
                           WORLD_SIZE=str(world_size))
 
+    def node(self) -> str:
+        """The id of the Ray node the rank runs on."""
+        return ray.get_runtime_context().get_node_id()
+
     def master_address(self) -> tuple[str, int]:
         """The (address, port) that every rank of the group connects to."""
         return self._master

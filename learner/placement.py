@@ -23,12 +23,17 @@ from rewards.service import ScorerActor
 from rollout.worker import RolloutWorker
 
 
-def reserve_pools(cfg: JobConfig) -> dict[str, ActorPool]:
-    """Pool name ("learner", "rollout", "rewards/<scorer>") -> its reserved placement; all or nothing."""
+ACTOR_CLASSES = {"learner": LearnerActor, "rollout": RolloutWorker, "rewards": ScorerActor}
+
+
+def reserve_pools(cfg: JobConfig, classes: dict[str, type] | None = None) -> dict[str, ActorPool]:
+    """Pool name ("learner", "rollout", "rewards/<scorer>") -> its reserved placement; all or nothing. `classes`
+    replaces some of ACTOR_CLASSES (stand-ins of the same interface: bench/pipeline.py)."""
     timeout = cfg.ray.placement_timeout_s
-    wanted: list[tuple[str, type, Any]] = [("learner", LearnerActor, cfg.learner),
-                                           ("rollout", RolloutWorker, cfg.rollout)]
-    wanted += [(f"rewards/{s.name}", ScorerActor, cfg.rewards.pool_of(s)) for s in cfg.rewards.scorers]
+    classes = {**ACTOR_CLASSES, **(classes or {})}
+    wanted: list[tuple[str, type, Any]] = [("learner", classes["learner"], cfg.learner),
+                                           ("rollout", classes["rollout"], cfg.rollout)]
+    wanted += [(f"rewards/{s.name}", classes["rewards"], cfg.rewards.pool_of(s)) for s in cfg.rewards.scorers]
     pools: dict[str, ActorPool] = {}
     try:
         for name, actor_cls, pool_cfg in wanted:

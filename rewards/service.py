@@ -86,6 +86,12 @@ class ScorerActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def node(self) -> str:
+        """The id of the Ray node the actor runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def score(self, images: np.ndarray, start: int, stop: int, prompts: Sequence[str],
               metadata: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
         """Scores and metrics of images[start:stop], and the seconds it took."""
@@ -158,6 +164,7 @@ class RewardService:
         self._actors = {s.name: [self._pools[s.name].spawn(s.name, REGISTRY[s.name], s.options, metrics)
                                  for _ in range(cfg.pool_of(s).num_actors)]
                         for s in cfg.scorers}
+        self._nodes = {name: [actor.node.remote() for actor in actors] for name, actors in self._actors.items()}
         self._load = {name: [0] * len(actors) for name, actors in self._actors.items()}
         self._generation = {name: [0] * len(actors) for name, actors in self._actors.items()}
         self._deaths = {name: [0] * len(actors) for name, actors in self._actors.items()}
@@ -240,6 +247,17 @@ class RewardService:
                 total += weight * group.scores[name].astype(np.float64)
         return GroupRewards(group.group_id, group.scores, total.astype(np.float32), group.metrics,
                             group.latency_s, group.compute_s, group.retries)
+
+    def drop(self, handle: RewardHandle) -> None:
+        """Stop waiting for a group (it will not be trained): calls already sent finish, their scores are ignored."""
+        self._groups.pop(handle.group_id, None)
+
+    def describe(self) -> dict[str, list[dict[str, Any]]]:
+        """Scorer pool ("rewards/<scorer>") -> its actors: name and node (short id, or "starting")."""
+        pools = {}
+        for name, refs in self._nodes.items():
+            pools[f"rewards/{name}"] = [{"name": f"{name}-{i}", "node": _short_node(ref)} for i, ref in enumerate(refs)]
+        return pools
 
     def num_alive(self) -> int:
         """Actors not seen to die more often than Ray restarts them, over all scorers."""
@@ -377,6 +395,18 @@ class RewardService:
         if group.error is None:
             group.error = RewardError(f"group {group.group_id}: {message}")
             self.counters.groups_failed += 1
+
+
+def _short_node(ref: Any) -> str:
+    """The short id of the node a `node()` call answered, or what stands for it while there is no answer."""
+    import ray
+
+    if not ray.wait([ref], timeout=0)[0]:
+        return "starting"
+    try:
+        return ray.get(ref)[:8]
+    except ray.exceptions.RayError:
+        return "unreachable"
 
 
 def scorer_pool(cfg: RewardsConfig, scorer: RewardSpec, placement_timeout_s: float = 60.0) -> ActorPool:

@@ -26,6 +26,7 @@ from cluster.pools import ActorPool, describe
 from rollout.models.contract import PromptEmbeds
 from rollout.prompts.groups import PromptGroup
 from rollout.sampling.trajectory import Trajectories
+from rollout.weights import PackedState
 from rollout.worker import RolloutWorker
 
 PROBE_INTERVAL_S = 1.0  # between two attempts to reach an unreachable worker
@@ -45,6 +46,8 @@ class _Slot:
     failures: int = 0
     lost_since: float | None = None  # unreachable since (monotonic seconds): no groups until it answers
     probe_at: float = 0.0  # when to try to reach it next
+    node: Any = None  # ref to the id of its node
+    policy_version: int | None = None  # the version of the last group it delivered
 
 
 def _cause(err: Exception) -> str:
@@ -102,8 +105,9 @@ class RolloutPool:
         self._queue.extend(groups)
         self._dispatch()
 
-    def next_result(self, timeout: float | None = None) -> Trajectories | None:
-        """The next finished group, in completion order; None after `timeout` seconds or when nothing is pending.
+    def next_result(self, timeout: float | None = None, until: Sequence[ray.ObjectRef] = ()) -> Trajectories | None:
+        """The next finished group, in completion order; None after `timeout` seconds, when nothing is pending, or as
+        soon as one of `until` (the learner's update, say) is ready. The workers keep sampling meanwhile.
 
         A group whose worker died or became unreachable is queued again and never returned twice; an error raised
         while sampling is raised here; RolloutPoolLost when no worker has answered for `rollout.node_wait_s`.
@@ -111,19 +115,10 @@ class RolloutPool:
         end = None if timeout is None else time.monotonic() + timeout
         while not self._done and self.pending:
             left = None if end is None else end - time.monotonic()
-            if left is not None and left <= 0:
+            if left is not None and left <= 0 or until and ray.wait(list(until), timeout=0)[0]:
                 return None
-            self._receive(left)
+            self._receive(left, also=until)
         return self._done.popleft() if self._done else None
-
-    def pump_until(self, refs: Sequence[ray.ObjectRef]) -> None:
-        """Keep the workers sampling until one of `refs` (the learner's update, say) is ready: finished groups are
-        kept for next_result and each worker that finishes takes the next queued group."""
-        while not ray.wait(list(refs), num_returns=1, timeout=0)[0]:
-            if self._in_flight or self._probes:
-                self._receive(None, also=refs)
-            else:
-                ray.wait(list(refs), num_returns=1)
 
     def _receive(self, timeout: float | None, also: Sequence[ray.ObjectRef] = ()) -> None:
         """Wait (at most `timeout` s) until a call returns, a probe answers or one of `also` is ready, and handle a
@@ -152,6 +147,7 @@ class RolloutPool:
             self._worker_failed(slot, group, err)
             return
         self._attempts.pop(group.group_id, None)
+        slot.policy_version = result.policy_version
         if slot.retiring:
             self._remove(slot)
         self._done.append(result)
@@ -165,10 +161,13 @@ class RolloutPool:
                 yield result
 
     def resize(self, num_workers: int) -> None:
-        """Grow (new workers load the current weights) or shrink (idle workers go now, busy ones after their group)."""
+        """Grow (new workers load the current weights) or shrink (idle workers go now, busy ones after their group).
+        Growing reserves the bundles first: cluster.pools.PlacementError leaves the pool as it was."""
         if num_workers < 1:
             raise ValueError(f"a rollout pool needs at least 1 worker, got {num_workers}")
         active = [slot for slot in self._slots if not slot.retiring]
+        if num_workers - len(active) > self._actors.free_bundles:
+            self._actors.reserve(num_workers - len(active) - self._actors.free_bundles)
         for _ in range(num_workers - len(active)):
             self._slots.append(self._spawn())
         busy = {id(slot) for slot, _ in self._in_flight.values()}
@@ -181,10 +180,10 @@ class RolloutPool:
         self._dispatch()
 
     def sample_eval(self, prompts: Sequence[str], seeds: Sequence[int],
-                    weights: tuple[list[ray.ObjectRef], list] | None = None) -> torch.Tensor:
+                    weights: PackedState | None = None) -> torch.Tensor:
         """Evaluation images for (prompt, seed) pairs, batches spread over the workers: uint8 (B, H, W, 3) in order.
 
-        `weights`: a packed state (ref_list, meta), e.g. the EMA weights, used instead of the policy for these images.
+        `weights`: a packed state (rollout.weights.PackedState), e.g. the EMA weights, used instead of the policy.
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} evaluation prompts but {len(seeds)} seeds")
@@ -206,6 +205,24 @@ class RolloutPool:
                 bar.update(len(ray.get(done[0])))
         return torch.cat(ray.get(refs))
 
+    def describe(self) -> list[dict[str, Any]]:
+        """Each worker that takes groups: its name, node (short id; "starting" until known, "unreachable" when
+        lost) and the policy version of the last group it delivered."""
+        described = []
+        for slot in self._slots:
+            if slot.retiring:
+                continue
+            node = "starting"
+            if slot.lost_since is not None:
+                node = "unreachable"
+            elif ray.wait([slot.node], timeout=0)[0]:
+                try:
+                    node = ray.get(slot.node)[:8]
+                except RayActorError:
+                    node = "unreachable"
+            described.append({"name": slot.name, "node": node, "policy_version": slot.policy_version})
+        return described
+
     def negative_embeds(self) -> PromptEmbeds | None:
         """The empty prompt's embeddings the learner needs for true CFG (None for FLUX); ask once per job."""
         return ray.get(self.workers[0].negative_embeds.remote())
@@ -224,7 +241,8 @@ class RolloutPool:
 
     def _spawn(self) -> _Slot:
         name = f"rollout-{self._actors.spawned}"
-        return _Slot(self._actors.spawn(self._cfg, self._store_name, name), name)
+        handle = self._actors.spawn(self._cfg, self._store_name, name)
+        return _Slot(handle, name, node=handle.node.remote())
 
     def _remove(self, slot: _Slot) -> None:
         self._slots.remove(slot)

@@ -18,7 +18,7 @@ from rollout.models.loading import load_configured
 from rollout.prompts.groups import PromptGroup
 from rollout.sampling.loop import RolloutSampler
 from rollout.sampling.trajectory import SamplerSettings, Trajectories
-from rollout.weights import add_lora, apply_policy_state, policy_state, unpack_state
+from rollout.weights import PackedState, add_lora, apply_policy_state, fetch_state, policy_state
 
 
 class RolloutWorker:
@@ -60,15 +60,20 @@ class RolloutWorker:
 
         return os.getpid()
 
+    def node(self) -> str:
+        """The id of the Ray node the actor runs on."""
+        return ray.get_runtime_context().get_node_id()
+
     def policy_version(self) -> int:
         """The version of the weights in force."""
         return self._version
 
-    def load_weights(self, version: int, ref_list: list[ray.ObjectRef], meta: list) -> int:
-        """Apply a published state if `version` is newer than the one in force; return the version in force."""
+    def load_weights(self, version: int, refs: list[ray.ObjectRef], metas: list) -> int:
+        """Apply a published state if `version` is newer than the one in force, once all its buckets have arrived;
+        return the version in force."""
         if version > self._version:
             started = time.perf_counter()
-            state = unpack_state(ray.get(ref_list[0]), meta)
+            state = fetch_state((refs, metas))
             apply_policy_state(self._sampler.model.transformer, state, self._finetune)
             self._version = version
             self._metrics.set("weight_load_seconds", time.perf_counter() - started, actor=self._name)
@@ -98,18 +103,17 @@ class RolloutWorker:
         return trajectories
 
     def sample_eval(self, prompts: Sequence[str], seeds: Sequence[int],
-                    weights: tuple[list[ray.ObjectRef], list] | None = None) -> torch.Tensor:
+                    weights: PackedState | None = None) -> torch.Tensor:
         """Evaluation images (ODE, eval.num_steps, fixed seeds): uint8 (B, H, W, 3).
 
-        With the newest policy weights, or with `weights` = (ref_list, meta) of a packed state (the EMA weights)
-        applied for this call only.
+        With the newest policy weights, or with `weights`, a packed state (the EMA weights) applied for this call only.
         """
         self.refresh_weights()
         transformer = self._sampler.model.transformer
         policy = None
         if weights is not None:
             policy = {k: v.clone() for k, v in policy_state(transformer, self._finetune).items()}
-            apply_policy_state(transformer, unpack_state(ray.get(weights[0][0]), weights[1]), self._finetune)
+            apply_policy_state(transformer, fetch_state(weights), self._finetune)
         try:
             return self._sampler.sample_eval(prompts, seeds, num_steps=self._eval.num_steps,
                                              batch_size=self._eval.batch_size)

@@ -76,10 +76,10 @@ def main(out: Path, model: Path) -> dict:
     collect, submit = job.collect, job.rewards.submit
     killed_reward = threading.Event()
 
-    def collect_with_faults():
+    def collect_with_faults(version):
         if job.iteration == 1:  # iteration 2: both workers are sampling a group right now
             os.kill(rollout_pids[0], signal.SIGKILL)
-        return collect()
+        return collect(version)
 
     def submit_with_faults(*args, **kwargs):
         handle = submit(*args, **kwargs)

@@ -18,7 +18,8 @@ from PIL import Image
 from learner.checkpoint import load_tree
 from tests.bench_helpers import load_bench
 
-stop_cluster = load_bench("local_cluster").stop_processes_of
+local_cluster = load_bench("local_cluster")
+stop_cluster, submit_job = local_cluster.stop_processes_of, local_cluster.submit_job
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -102,6 +103,25 @@ def test_resume_continues_exactly(full_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_full_fine_tuning_trains_publishes_in_buckets_and_resumes_exactly(tmp_path):
+    full = ["learner.finetune=full", "learner.lr=1e-4", "learner.publish_bucket_mb=0.1", "iterations=2",
+            "eval.every_n_iterations=0"]
+    out = tmp_path / "full"
+    run_job(out, *full)
+    rows = history(out)
+    assert [h["policy_version"] for h in rows] == [1, 2] and rows[0]["ratio_mean"] == 1.0
+    assert rows[1]["sampled_policy_versions"] == [1]  # the rollouts loaded the first full-weights version
+    assert not (out / "checkpoints" / "iter-000002" / "lora").exists()  # nothing to export but the shards
+    resumed = tmp_path / "resumed"
+    run_job(resumed, *full, resume=str(out / "checkpoints" / "iter-000001"))
+    assert [h["iteration"] for h in history(resumed)] == [2]
+    a = load_tree(out / "checkpoints" / "iter-000002" / "learner-rank0")["weights"]
+    b = load_tree(resumed / "checkpoints" / "iter-000002" / "learner-rank0")["weights"]
+    assert a.keys() == b.keys() and len(a) > 50  # every weight of the transformer
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
 def test_resume_from_a_folder_that_is_not_a_checkpoint_exits_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "learner.main", "--cfg", "cluster/tiny.yaml", "--set",
                         f"output_dir={tmp_path}", "--resume", str(tmp_path)], cwd=ROOT, env=job_env(),
@@ -159,11 +179,9 @@ def test_ray_job_submit_runs_the_tiny_job(tmp_path):
                         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                        env=env, check=True, capture_output=True, text=True, timeout=120)
         out = tmp_path / "out"
-        r = subprocess.run([ray_bin, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", ".",
-                            "--", "python", "-m", "learner.main", "--cfg", "cluster/tiny.yaml",
-                            "--set", "iterations=2", "--set", f"output_dir={out}",
-                            "--set", "eval.every_n_iterations=0"],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        r = submit_job(ray_bin, f"http://127.0.0.1:{dash}",
+                       ["python", "-m", "learner.main", "--cfg", "cluster/tiny.yaml", "--set", "iterations=2",
+                        "--set", f"output_dir={out}", "--set", "eval.every_n_iterations=0"], ROOT, env)
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
         assert "joined the Ray cluster" in r.stdout and "done: 2 iterations" in r.stdout
         assert [h["iteration"] for h in history(out)] == [1, 2]
@@ -194,7 +212,7 @@ def test_the_driver_receives_no_model_state_while_checkpointing(ray_local, tiny_
             return values
 
         monkeypatch.setattr(ray_local, "get", counting_get)
-        folder = job.checkpoint(job.sampler.state_dict())
+        folder = job.checkpoint()
         monkeypatch.undo()
     finally:
         job.shutdown()

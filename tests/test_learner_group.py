@@ -7,15 +7,16 @@ import torch
 
 from cluster.config import PoolConfig
 from cluster.config_loading import validate_config
-from learner.actor import LearnerActor, deepspeed_config
+from learner.actor import LearnerActor
 from learner.batch import batch_advantages, micro_batch, sample_order, score_recorded_step, sort_batch, update_plan
+from learner.engine import deepspeed_config
 from learner.group import ActorGroup
 from learner.loss import adapter_disabled, step_loss
 from rollout.models.loading import load_flow_model
 from rollout.prompts.groups import PromptGroup
 from rollout.sampling.loop import RolloutSampler
 from rollout.sampling.trajectory import SamplerSettings
-from rollout.weights import add_lora, unpack_state, weight_store
+from rollout.weights import add_lora, fetch_state, weight_store
 
 LORA = {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
 
@@ -70,8 +71,8 @@ def one_rank(ray_local, tiny_model_dirs, batch):
     info = ray.get(group.run("setup", cfg, store=store))[0]
     initial = ray.get(group.run("trainable_state"))[0]
     first = _train(ray, group, batch, 1)[0]
-    version, refs, meta = ray.get(store.latest.remote())
-    published = (version, unpack_state(ray.get(refs[0]), meta))
+    version, refs, metas = ray.get(store.latest.remote())
+    published = (version, fetch_state((refs, metas)))
     state_after_first = ray.get(group.run("state"))[0]
     second = _train(ray, group, batch, 1)[0]
     yield dict(cfg=cfg, group=group, info=info, initial=initial, first=first, second=second, published=published,
@@ -237,13 +238,50 @@ def test_zero3_with_true_cfg_recomputes_exactly_and_publishes_the_gathered_lora(
         ray_local.get(group.run("setup", cfg, negative=sampler.negative, store=store))
         initial = ray_local.get(group.run("trainable_state"))[0]
         result = _train(ray_local, group, (groups, [torch.tensor([0.0, 1.0, 0.5, 0.2])]), 1)[0]
-        version, refs, meta = ray_local.get(store.latest.remote())
+        version, refs, metas = ray_local.get(store.latest.remote())
     finally:
         group.kill()
     update = result["updates"][0]
     assert update["ratio_max_dev"] == 0.0 and update["kl"] == 0.0 and update["step_applied"] == 1.0
-    published = unpack_state(ray_local.get(refs[0]), meta)
+    published = fetch_state((refs, metas))
     ray_local.kill(store)
     assert version == 1 and published.keys() == initial.keys()
     assert all(torch.equal(published[k], result["weights"][k]) for k in published)
     assert any(not torch.equal(initial[k], published[k]) for k in initial)
+
+
+@pytest.mark.slow
+def test_full_fine_tuning_is_published_in_buckets_and_the_rollout_model_equals_the_learners(
+        ray_local, tiny_model_dirs, batch):
+    from rollout.pool import RolloutPool
+    from rollout.weights import weight_store_name
+
+    data = _config(tiny_model_dirs["flux"], num_actors=1, micro_batch_size=2).model_dump()
+    data["learner"].update(finetune="full", beta=0.0, publish_bucket_mb=0.05, lr=1e-4)
+    data["rollout"].update(num_actors=1, num_cpus_per_actor=0.5)
+    cfg = validate_config(data)
+    store = weight_store("test-full-buckets")
+    group = ActorGroup(LearnerActor, PoolConfig(num_actors=1, num_cpus_per_actor=0.5))
+    try:
+        ray_local.get(group.run("setup", cfg, store=store))
+        result = _train(ray_local, group, (batch[0], batch[1]), 1)[0]
+        learner_state = result["weights"]
+        version, refs, metas = ray_local.get(store.latest.remote())
+        pool = RolloutPool(cfg, weight_store_name("test-full-buckets"))  # loads the latest version as it starts
+        try:
+            worker = pool.workers[0]
+            held = ray_local.get(worker.__ray_call__.remote(
+                lambda self: {k: v.clone() for k, v in self._sampler.model.transformer.state_dict().items()}))
+            assert ray_local.get(worker.policy_version.remote()) == version == 1
+        finally:
+            pool.shutdown()
+    finally:
+        group.kill()
+        ray_local.kill(store)
+    total = sum(t.numel() * t.element_size() for t in learner_state.values())
+    assert len(refs) == len(metas) > 1 and total > 0.05 * 2**20  # several buckets of at most 0.05 MB each
+    for meta in metas:
+        sizes = [entry[4] for entry in meta]
+        assert len(sizes) == 1 or sum(sizes) <= 0.05 * 2**20  # a bucket holds one big tensor or fits the size
+    assert held.keys() == learner_state.keys()
+    assert all(torch.equal(held[k], learner_state[k]) for k in held)  # exactly the learner's weights

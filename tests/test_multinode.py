@@ -21,7 +21,8 @@ import pytest
 
 from tests.bench_helpers import load_bench
 
-LocalCluster = load_bench("local_cluster").LocalCluster
+local_cluster = load_bench("local_cluster")
+LocalCluster, submit_job = local_cluster.LocalCluster, local_cluster.submit_job
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 PINNED = ["rollout.resources={rollout_node: 0.1}", "learner.resources={learner_node: 0.1}",
@@ -97,14 +98,8 @@ def wait_for_iterations(out: Path, count: int, proc: subprocess.Popen, timeout: 
 @pytest.mark.slow
 def test_submitted_job_runs_its_pools_on_the_chosen_nodes(cluster, tmp_path):
     out = tmp_path / "run"
-    end = time.monotonic() + 240
-    while True:  # the head's job agent may still be starting: then nothing was submitted, and it says so
-        r = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", f"--address={cluster.dashboard}", "--working-dir",
-                            ".", "--", "python", *job_args(out, "iterations=3")],
-                           cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=600)
-        if "No available agent to submit job" not in r.stdout + r.stderr or time.monotonic() > end:
-            break
-        time.sleep(3)
+    r = submit_job(str(VENV_BIN / "ray"), cluster.dashboard, ["python", *job_args(out, "iterations=3")], ROOT,
+                   job_env())
     logs = sorted(cluster.temp_dir.glob("session_*/logs/dashboard*.log"))  # what the head says, if it failed
     assert r.returncode == 0, r.stderr[-1500:] + "".join(f"\n== {p}\n{p.read_text()[-1500:]}" for p in logs)
     assert "joined the Ray cluster" in r.stdout and "done: 3 iterations" in r.stdout

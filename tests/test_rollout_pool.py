@@ -3,7 +3,6 @@ while groups are in flight, and a worker dying with a group in hand."""
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
@@ -87,13 +86,13 @@ def test_a_new_policy_version_changes_images_and_an_older_one_is_ignored(pool, s
     for name, tensor in state.items():
         if "lora_B" in name:
             tensor.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
-    assert publish_weights(store, version, state)
+    assert publish_weights(store, version, [state])
     after = _collect(pool, group)[30]
     assert after.policy_version == version
     assert not torch.equal(after.images, before.images)
 
     stale, meta = pack_state({k: torch.zeros_like(v) for k, v in state.items()})
-    assert ray.get(worker.load_weights.remote(version - 1, [ray.put(stale)], meta)) == version
+    assert ray.get(worker.load_weights.remote(version - 1, [ray.put(stale)], [meta])) == version
     assert torch.equal(_collect(pool, group)[30].images, after.images)
 
 

@@ -12,6 +12,7 @@ from rollout.weights import (
     apply_policy_state,
     pack_state,
     policy_state,
+    fetch_state,
     publish_weights,
     unpack_state,
     weight_store,
@@ -132,12 +133,24 @@ def test_store_keeps_only_newer_versions(ray_local):
     store = weight_store("test-weights-store")
     assert ray.get(store.latest.remote()) is None
     state = {"w": torch.arange(6, dtype=torch.bfloat16)}
-    assert publish_weights(store, 2, state)
-    assert not publish_weights(store, 1, {"w": torch.zeros(6, dtype=torch.bfloat16)})
-    assert not publish_weights(store, 2, {"w": torch.zeros(6, dtype=torch.bfloat16)})
-    version, refs, meta = ray.get(store.latest.remote())
+    assert publish_weights(store, 2, [state])
+    assert not publish_weights(store, 1, [{"w": torch.zeros(6, dtype=torch.bfloat16)}])
+    assert not publish_weights(store, 2, [{"w": torch.zeros(6, dtype=torch.bfloat16)}])
+    version, refs, metas = ray.get(store.latest.remote())
     assert version == 2 and len(refs) == 1 and isinstance(refs[0], ray.ObjectRef)
-    assert torch.equal(unpack_state(ray.get(refs[0]), meta)["w"], state["w"])
+    assert torch.equal(fetch_state((refs, metas))["w"], state["w"])
     assert ray.get(store.latest.remote(2)) is None  # nothing newer than 2
     assert weight_store("test-weights-store")._actor_id == store._actor_id  # one store per run name
     ray.kill(store)
+
+
+def test_buckets_cut_a_state_in_order_and_arrive_whole(ray_local):
+    from rollout.weights import put_buckets, split_buckets
+
+    state = {f"t{i}": torch.full((n,), float(i)) for i, n in enumerate([10, 300, 20, 20, 5])}  # float32: 4 bytes each
+    buckets = [dict(b) for b in split_buckets(state.items(), 25 * 4)]
+    assert [list(b) for b in buckets] == [["t0"], ["t1"], ["t2"], ["t3", "t4"]]  # t1 alone: larger than a bucket
+    packed = put_buckets(buckets)
+    assert len(packed[0]) == len(packed[1]) == 4
+    back = fetch_state(packed)
+    assert list(back) == list(state) and all(torch.equal(back[k], state[k]) for k in state)
