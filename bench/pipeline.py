@@ -7,12 +7,15 @@ rollout actors.
 
 On 2 CPU cores the real stages compete for the same cores, so the overlap cannot show. Here each rollout group, each
 reward call and each learner update still runs for real on the tiny model, then sleeps until its configured time
-has passed (`--rollout-s` per group, `--reward-s` per group and scorer call, `--learner-s` per update): the stage
+has passed (`--rollout-s` per group, `--reward-s` per group, `--learner-s` per update): the stage
 times are set, the cores stay mostly idle, and what is measured is the driver's scheduling. A stage's time per
 iteration: rollout = groups / actors x rollout-s, reward = groups / scorers x reward-s, learner = updates x
-learner-s; the best an iteration can take is the slowest of the three (async) or their chain (sync).
+learner-s; the best an iteration can take is the slowest of the three (async) or their chain (sync). Async runs
+with max_staleness 1 and 2: with 1, the next iteration's groups can only start once this iteration's weights are
+out, so when rollout and learner take as long as each other the last groups' rewards trail the update by about one
+group's reward latency; with 2 the rollouts are a further iteration ahead and nothing trails.
 
-Rollout scaling runs async with a short learner stage (0.1 s) so that the rollouts are the slowest stage; the
+Rollout scaling runs async with short reward and learner stages so that the rollouts are the slowest stage; the
 efficiency with N actors is (groups per second with N) / (N x groups per second with one). The first
 `--warmup` iterations of each run are left out.
 """
@@ -44,6 +47,10 @@ from rewards.service import ScorerActor  # noqa: E402
 from rollout.worker import RolloutWorker  # noqa: E402
 
 
+SCALING_REWARD_S, SCALING_LEARNER_S = 0.05, 0.1  # in the throughput runs: the rollouts stay the slowest stage
+MEASURED = ("rollout", "reward", "train", "iteration")  # the driver's waits per iteration (history.jsonl "times")
+
+
 def _sleep_rest(began: float, seconds: float) -> None:
     time.sleep(max(0.0, seconds - (time.perf_counter() - began)))
 
@@ -59,12 +66,12 @@ class TimedRollout(RolloutWorker):
 
 
 class TimedScorer(ScorerActor):
-    seconds = 0.25  # per call (one call per group and scorer actor)
+    seconds = 0.0625  # per image (a group's images are spread over the scorer's actors)
 
-    def score(self, *args, **kwargs):
+    def score(self, images, start, stop, *args, **kwargs):
         began = time.perf_counter()
-        out = super().score(*args, **kwargs)
-        _sleep_rest(began, self.seconds)
+        out = super().score(images, start, stop, *args, **kwargs)
+        _sleep_rest(began, self.seconds * (stop - start))
         return out
 
 
@@ -85,7 +92,8 @@ def timed(cls: type, seconds: float) -> type:
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rollout-s", type=float, default=1.0, help="seconds per rollout group")
-    ap.add_argument("--reward-s", type=float, default=0.25, help="seconds per reward call (one per group)")
+    ap.add_argument("--reward-s", type=float, default=0.25,
+                    help="reward actor seconds per group (its images are spread over the reward actors)")
     ap.add_argument("--learner-s", type=float, default=2.0, help="seconds per learner update")
     ap.add_argument("--groups", type=int, default=8, help="groups per iteration")
     ap.add_argument("--group-size", type=int, default=4)
@@ -104,18 +112,19 @@ def parse_args() -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, out: str, *, mode: str, actors: int, groups: int, rollout_s: float,
-        learner_s: float) -> list[float]:
-    """The job's iteration wall times after the warm-up."""
+        reward_s: float, learner_s: float, bound: int = 1) -> dict[str, float]:
+    """The median seconds of each stage the driver waits for, and of the whole iteration, after the warm-up."""
     overrides = [f"output_dir={out}", f"iterations={args.iterations}", f"learner.mode={mode}",
-                 "learner.max_staleness=1", "learner.updates_per_iteration=1", f"rollout.num_actors={actors}",
+                 f"learner.max_staleness={bound}", "learner.updates_per_iteration=1", f"rollout.num_actors={actors}",
                  "rollout.num_cpus_per_actor=0.1", f"rewards.num_actors={args.scorers}",
                  "rewards.num_cpus_per_actor=0.1", "learner.num_cpus_per_actor=0.1",
                  f"data.group_size={args.group_size}", f"data.images_per_iteration={groups * args.group_size}",
                  f"rollout.samples_per_forward={args.group_size}", f"learner.micro_batch_size={args.group_size}",
                  "sampler.num_steps=2", "eval.every_n_iterations=0", "checkpoint.every_n_iterations=0",
-                 "metrics.enabled=false", f"run_name=pipeline-{mode}-{actors}", *args.set]
+                 "metrics.enabled=false", f"run_name=pipeline-{mode}-{bound}-{actors}", *args.set]
     cfg = load_config(ROOT / "cluster/tiny.yaml", overrides)
-    classes = {"rollout": timed(TimedRollout, rollout_s), "rewards": timed(TimedScorer, args.reward_s),
+    per_image = reward_s / args.group_size
+    classes = {"rollout": timed(TimedRollout, rollout_s), "rewards": timed(TimedScorer, per_image),
                "learner": timed(TimedLearner, learner_s)}
     job = Job(cfg, say=lambda message: None, actor_classes=classes)
     try:
@@ -123,7 +132,8 @@ def run(args: argparse.Namespace, out: str, *, mode: str, actors: int, groups: i
         history = job.run()
     finally:
         job.shutdown()
-    return [h["times"]["iteration"] for h in history[args.warmup:]]
+    later = history[args.warmup:]
+    return {stage: float(np.median([h["times"].get(stage, 0.0) for h in later])) for stage in MEASURED}
 
 
 def main() -> None:
@@ -141,32 +151,35 @@ def main() -> None:
         start_ray(cfg.ray)
         try:
             rows = []
-            for mode in ("sync", "async"):
+            for mode, bound in (("sync", 0), ("async", 1), ("async", 2)):
                 began = time.perf_counter()
-                times = run(args, f"{tmp}/{mode}", mode=mode, actors=args.actors, groups=args.groups,
-                            rollout_s=args.rollout_s, learner_s=args.learner_s)
-                rows.append((mode, float(np.median(times))))
-                print(f"  {mode}: median iteration {rows[-1][1]:.2f} s ({time.perf_counter() - began:.0f} s run)",
-                      flush=True)
+                times = run(args, f"{tmp}/{mode}-{bound}", mode=mode, actors=args.actors, groups=args.groups,
+                            rollout_s=args.rollout_s, reward_s=args.reward_s, learner_s=args.learner_s, bound=bound)
+                label = mode if mode == "sync" else f"async, max_staleness {bound}"
+                rows.append((label, times))
+                print(f"  {label}: median iteration {times['iteration']:.2f} s ({time.perf_counter() - began:.0f} s "
+                      f"run)", flush=True)
             throughput = []
             for n in scaling:
                 times = run(args, f"{tmp}/scale-{n}", mode="async", actors=n, groups=args.scaling_groups,
-                            rollout_s=args.scaling_rollout_s, learner_s=0.1)
-                throughput.append((n, args.scaling_groups / float(np.median(times))))
+                            rollout_s=args.scaling_rollout_s, reward_s=SCALING_REWARD_S,
+                            learner_s=SCALING_LEARNER_S)
+                throughput.append((n, args.scaling_groups / times["iteration"]))
                 print(f"  {n} rollout actors: {throughput[-1][1]:.2f} groups/s", flush=True)
         finally:
             ray.shutdown()
 
     print("\nstage seconds per iteration: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items())
           + f" (slowest {slowest:.2f})")
-    print("| mode | iteration s (median) | ÷ slowest stage |")
-    print("|---|---|---|")
-    for mode, seconds in rows:
-        print(f"| {mode} | {seconds:.2f} | {seconds / slowest:.2f}x |")
+    print("| mode | waits for rollouts | for rewards | for the learner | iteration | ÷ slowest stage |")
+    print("|---|---|---|---|---|---|")
+    for mode, t in rows:
+        print(f"| {mode} | " + " | ".join(f"{t[k]:.2f}" for k in MEASURED)
+              + f" | {t['iteration'] / slowest:.2f}x |")
     if throughput:
         one = throughput[0][1] / throughput[0][0]
         print(f"\nrollout throughput ({args.scaling_groups} groups per iteration, {args.scaling_rollout_s:g} s per "
-              f"group, async, learner 0.1 s per update)")
+              f"group, async, reward {SCALING_REWARD_S:g} s per group, learner {SCALING_LEARNER_S:g} s per update)")
         print("| rollout actors | groups / s | ideal | efficiency |")
         print("|---|---|---|---|")
         for n, rate in throughput:

@@ -148,13 +148,11 @@ class Job:
         history = []
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         self.pool.submit(self.resumed_groups)  # those a checkpoint had in flight, first
-        self.keep_in_flight(min(1, cfg.iterations - self.iteration))
+        self.keep_in_flight()
         while self.iteration < cfg.iterations:
             it_started = time.perf_counter()
             version_before = self.policy_version()
             batch, rewards, times = self.collect(version_before)
-            # async: the next `ahead` iterations' groups are sampled while the learner trains on this one
-            self.keep_in_flight(min(self.ahead, cfg.iterations - self.iteration - 1))
 
             refs = [ray.put(t) for t in batch]
             started = time.perf_counter()
@@ -165,11 +163,11 @@ class Job:
             times["train"] = time.perf_counter() - started
             times["weight_sync"] = stats["publish_s"]
             self.iteration += 1
+            self.keep_in_flight()  # as soon as the new weights are out
             self.check_skipped_updates(stats["updates"])
             self.last_advantages = {k: stats[k] for k in ("advantage_mean", "advantage_std", "zero_std_group_frac")
                                     if k in stats}
 
-            self.keep_in_flight(min(1, cfg.iterations - self.iteration))
             summary = summarise(self.iteration, batch, rewards, stats, version_before, self.groups_per_iteration,
                                 self.pool.requeued - self.requeued_before, self.stale)
             self.requeued_before, self.stale = self.pool.requeued, 0
@@ -226,13 +224,16 @@ class Job:
 
     @property
     def ahead(self) -> int:
-        """Iterations of groups sampled ahead while the learner trains: none in sync mode; in async mode as many as
-        keep every group within the staleness bound, each iteration moving the policy updates_per_iteration versions."""
+        """Iterations of groups in flight beyond the current one: none in sync mode; in async mode as many as keep every
+        group within the staleness bound, each iteration moving the policy updates_per_iteration versions."""
         lc = self.cfg.learner
         return lc.max_staleness // lc.updates_per_iteration if lc.mode == "async" else 0
 
-    def keep_in_flight(self, iterations: int) -> None:
-        """Submit new groups until `iterations` iterations' worth are queued or being sampled."""
+    def keep_in_flight(self) -> None:
+        """Submit new groups until the next iteration's and, async, the `ahead` following ones' are queued, being
+        sampled, or sampled and not trained yet. Called when a policy version is out, so each group is sampled with
+        it or a later one and is within the staleness bound when trained; the rollouts never wait for the driver."""
+        iterations = min(1 + self.ahead, self.cfg.iterations - self.iteration)
         missing = iterations * self.groups_per_iteration - self.pool.pending - len(self.arrived)
         if missing > 0:
             self.pool.submit(self.sampler.take(missing))
