@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 MODEL_FAMILIES = ("flux", "sd3")
 STEP_KINDS = ("ode", "sde", "dance", "cps", "sde_exact")  # MATH.md "Step rules"; only "ode" has no log-prob
 TRAINABLE_KINDS = tuple(kind for kind in STEP_KINDS if kind != "ode")
+GUARD_KINDS = ("sde", "sde_exact")  # the rules GRPO-Guard normalises (MATH.md "GRPO-Guard")
 LOG_PROB_FORMS = ("gaussian", "squared")
 FILE_SOURCES = ("text", "geneval_jsonl")  # prompt sources read from `path`
 EVAL_SOURCES = ("builtin", *FILE_SOURCES, "shapes_train", "shapes_heldout", "shapes_all")
@@ -67,8 +68,11 @@ class SamplerConfig(Section):
     num_steps: int = Field(10, ge=2, description="denoising steps of a training rollout")
     trained_steps: Optional[int] = Field(None, ge=1, description="steps trained per trajectory; None: num_steps - 1")
     guidance_scale: float = Field(4.5, ge=0.0, description="SD3: true CFG scale; FLUX: the guidance embedding")
-    same_initial_noise: bool = Field(False, description="one initial noise for the whole group")
+    same_initial_noise: bool = Field(False, description="one initial noise for the whole group (with a Fast window, "
+                                     "the ODE steps before it are then computed once per group)")
     fast_window: Optional[FastWindow] = None
+    antithetic: bool = Field(False, description="the stochastic steps' fresh noise in (z, -z) pairs within a group "
+                             "(samples 2m and 2m+1); needs an even data.group_size")
 
 
 def _custom_resources(resources: dict[str, float] | None) -> dict[str, float] | None:
@@ -184,6 +188,9 @@ class LearnerConfig(PoolConfig):
     mode: Literal["sync", "async"] = Field("sync", description="async: rollouts sample ahead while the learner trains")
     publish_bucket_mb: float = Field(512.0, gt=0.0, description="the published weights go to the rollout actors in "
                                      "buckets of at most this size (one for a LoRA adapter)")
+    ratio_norm: bool = Field(False, description="GRPO-Guard (Flow-SDE and sde_exact): the ratio normalised with the "
+                             "recorded rollout mean, each step's loss weighted by 1/Δ; papers' clip_range 2e-6, "
+                             "lr 1e-4, beta 0, advantage_std group")
     max_staleness: int = Field(1, ge=0, description="async mode: policy versions a trained group may lag, checked per "
                                "group when its iteration starts (a staler one is sampled again); 0: synchronous")
     ema: EmaConfig = EmaConfig()
@@ -301,6 +308,19 @@ def _cross_field_problems(cfg: JobConfig) -> list[str]:
             p.append(f"sampler.trained_steps = {s.trained_steps}: with a Fast window only the window is trained; "
                      f"leave it unset or equal to fast_window.size ({s.fast_window.size})")
 
+    if lr.ratio_norm:
+        if s.kind not in GUARD_KINDS:
+            p.append(f"learner.ratio_norm = true: GRPO-Guard normalises the Gaussian log-ratio of "
+                     f"{' and '.join(GUARD_KINDS)} steps; sampler.kind = {s.kind!r} is not one of them")
+        if s.log_prob_form not in (None, "gaussian"):
+            p.append(f"learner.ratio_norm = true: needs the Gaussian log-prob, sampler.log_prob_form = "
+                     f"{s.log_prob_form!r}")
+        if lr.log_prob_reduction != "mean":
+            p.append(f"learner.ratio_norm = true: the normalised ratio is defined on per-element mean log-probs; "
+                     f"learner.log_prob_reduction = {lr.log_prob_reduction!r} must be 'mean'")
+    if s.antithetic and d.group_size % 2:
+        p.append(f"sampler.antithetic = true: the noise comes in (z, -z) pairs within a group, so data.group_size "
+                 f"must be even, got {d.group_size}")
     if d.images_per_iteration % d.group_size:
         p.append(f"data.images_per_iteration = {d.images_per_iteration}: must be a multiple of "
                  f"data.group_size = {d.group_size} (whole groups only)")

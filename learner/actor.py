@@ -12,9 +12,9 @@ Gradient accumulation: see learner/engine.py.
 
 Weights out: after an iteration's updates rank 0 publishes the policy state (peft LoRA keys, or the full state dict)
 to the WeightStore in buckets of at most learner.publish_bucket_mb, version = optimizer updates applied so far; under
-ZeRO-3 every rank takes part in gathering each bucket. The EMA (rank 0, CPU float32) has the same keys. The recorded log-probs are reproduced exactly only when
-the learner computes as the rollout did: `learner.precision` matching `model.dtype`, and `lora.dropout` 0 (the module
-then stays in eval mode, as for sampling).
+ZeRO-3 every rank takes part in gathering each bucket. The EMA (rank 0, CPU float32) has the same keys. The recorded
+log-probs are reproduced exactly only when the learner computes as the rollout did: `learner.precision` matching
+`model.dtype`, and `lora.dropout` 0 (the module then stays in eval mode, as for sampling).
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ class LearnerActor(DistributedActor):
         reference_mean = self._reference_mean(mb, k) if lc.beta > 0 else None
         scored = score_recorded_step(self.model, mb, k, self.negative)
         call = step_loss(scored, mb, k, clip_range=lc.clip_range, beta=lc.beta, reference_mean=reference_mean,
-                         log_prob_scale=scale)
+                         log_prob_scale=scale, ratio_norm=lc.ratio_norm)
         self.engine.backward(call.loss)
         self.engine.step()  # applies the update only at the accumulation boundary (after M·K calls)
         stats.add(call)

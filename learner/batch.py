@@ -137,8 +137,9 @@ def update_plan(
 class MicroBatch:
     """The recorded data of a few samples as one learner forward takes them (all on the model's device).
 
-    states / next_states (B, K, *latent) float32, old_log_probs (B, K), advantages (B,), step_indices (B, K);
-    `embeds` has one row when every sample shares one prompt (as the rollout passes it), else B rows.
+    states / next_states (B, K, *latent) float32, old_log_probs (B, K), advantages (B,), step_indices (B, K),
+    old_means (B, K, *latent) when the rollout recorded them (GRPO-Guard); `embeds` has one row when every sample
+    shares one prompt (as the rollout passes it), else B rows.
     """
 
     samples: tuple[SampleRef, ...]
@@ -150,6 +151,7 @@ class MicroBatch:
     embeds: PromptEmbeds
     sigmas: torch.Tensor
     settings: SamplerSettings
+    old_means: torch.Tensor | None = None
 
     @property
     def num_steps(self) -> int:
@@ -185,6 +187,7 @@ def micro_batch(
         embeds=embeds.to(device),
         sigmas=groups[positions[0]].sigmas,
         settings=groups[positions[0]].settings,
+        old_means=stack("means") if groups[positions[0]].means is not None else None,
     )
 
 

@@ -89,9 +89,11 @@ class RatioStats:
 
 
 def policy_loss(
-    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, *, clip_range: float
+    log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor, *, clip_range: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, RatioStats]:
-    """PPO-clipped GRPO loss mean(max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))), ρ = exp(ℓ − ℓ_old), and its ratio statistics.
+    """PPO-clipped GRPO loss mean(w·max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))), ρ = exp(ℓ − ℓ_old), and its ratio statistics;
+    `weights` w per sample (default 1).
 
     The statistics are computed once here, in float64 from ℓ − ℓ_old (ρ − 1 = expm1, well conditioned for the tiny
     ratios that clip ranges near 1e-4 allow), and passed on as sums.
@@ -108,7 +110,10 @@ def policy_loss(
     adv = advantages.detach().to(ratio.dtype)
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
+    per_sample = torch.maximum(unclipped, clipped)
+    if weights is not None:
+        per_sample = per_sample * weights.detach().to(per_sample.dtype)
+    loss = per_sample.mean()
     with torch.no_grad():
         d = diff.detach().double().cpu()
         dev = torch.expm1(d)
@@ -116,3 +121,14 @@ def policy_loss(
                             (dev.abs() > clip_range).double().sum(), (d**2).sum()])
         max_dev = dev.abs().max() if d.numel() else torch.zeros((), dtype=torch.float64)
     return loss, RatioStats(sums, max_dev)
+
+
+def guard_log_ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: torch.Tensor, old_mean: torch.Tensor,
+                    std: torch.Tensor) -> torch.Tensor:
+    """GRPO-Guard's normalised log-ratio per sample (MATH.md "GRPO-Guard"): (ℓθ − ℓold + b)·s with
+    b = mean_D (μθ − μold)²/(2s²), for per-element-mean Gaussian log-probs ℓ (B,), means (B, ...) and the step std s
+    (one per sample, any shape with B elements). Equals mean_D(z ⊙ (μθ − μold)) for a next state μold + s·z."""
+    s = std.reshape(-1).to(log_prob.dtype)
+    delta = (mean - old_mean.detach()).to(log_prob.dtype)
+    b = (delta**2).reshape(delta.shape[0], -1).mean(dim=1) / (2.0 * s * s)
+    return (log_prob - old_log_prob.detach() + b) * s

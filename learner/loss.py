@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 
 from learner.batch import MicroBatch
-from learner.grpo import RatioStats, policy_loss
+from learner.grpo import RatioStats, guard_log_ratio, policy_loss
 from rollout.sampling.steps import StepOutput, kl
 
 
@@ -53,14 +53,28 @@ def step_loss(
     beta: float,
     reference_mean: torch.Tensor | None = None,
     log_prob_scale: float = 1.0,
+    ratio_norm: bool = False,
 ) -> StepLoss:
     """policy_loss(ℓθ, ℓold, A) + β·mean KL(μθ ‖ μref) of step slot k; KL is 0 when β = 0.
 
     `log_prob_scale` multiplies both log-probs and the per-sample KL alike: the KL term is always that of the
     distribution whose log-prob ratio is trained, and the ratio statistics are those of the trained ratio.
+    `ratio_norm` (GRPO-Guard): the ratio is exp of grpo.guard_log_ratio, from the recorded rollout means, and each
+    sample's loss is weighted by 1/Δ of its step.
     """
-    policy, ratio = policy_loss(scored.log_prob * log_prob_scale, mb.old_log_probs[:, k] * log_prob_scale,
-                                mb.advantages, clip_range=clip_range)
+    if ratio_norm:
+        if mb.old_means is None:
+            raise ValueError("ratio_norm needs the rollout means of the recorded steps (SamplerSettings.record_means)")
+        log_ratio = guard_log_ratio(scored.log_prob, mb.old_log_probs[:, k], scored.mean, mb.old_means[:, k],
+                                    scored.std)
+        index = mb.step_indices[:, k].to(mb.sigmas.device)
+        sigmas = mb.sigmas.double()  # Δ as step() computes it
+        delta = (sigmas[index] - sigmas[index + 1]).to(device=log_ratio.device, dtype=log_ratio.dtype)
+        policy, ratio = policy_loss(log_ratio, torch.zeros_like(log_ratio), mb.advantages, clip_range=clip_range,
+                                    weights=1.0 / delta)
+    else:
+        policy, ratio = policy_loss(scored.log_prob * log_prob_scale, mb.old_log_probs[:, k] * log_prob_scale,
+                                    mb.advantages, clip_range=clip_range)
     if beta > 0:
         if reference_mean is None:
             raise ValueError("beta > 0 needs the reference mean of the step")

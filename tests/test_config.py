@@ -113,6 +113,9 @@ BAD = [
     (["sampler.num_steps=6", "sampler.fast_window.size=4"], "sampler.fast_window.size"),
     (["sampler.bogus=1"], "sampler.bogus"),
     (["data.group_size=5"], "data.images_per_iteration"),
+    (["sampler.antithetic=true", "data.group_size=5", "data.images_per_iteration=40"], "sampler.antithetic"),
+    (["learner.ratio_norm=true"], "learner.ratio_norm"),  # CPS
+    (["learner.ratio_norm=true", "sampler.kind=sde", "learner.log_prob_reduction=sum"], "learner.ratio_norm"),
     (["data.group_size=1"], "data.group_size"),
     (["learner.micro_batch_size=3"], "learner.micro_batch_size"),
     (["learner.lr=abc"], "learner.lr"),

@@ -2,7 +2,12 @@
 
 Noise never comes from a process's own RNG: sample i of a group draws its initial noise and then, step by step, its
 fresh noise from `torch.Generator().manual_seed(seeds[i])`, one sample at a time, so neither the worker nor the batch
-layout changes a trajectory's noise. The Fast window's position comes from (run seed, group_id).
+layout changes a trajectory's noise. With antithetic noise, sample 2m+1 takes sample 2m's step noise negated. The Fast
+window's position comes from (run seed, group_id).
+
+Branching: when the group shares its initial noise and a Fast window is set, the ODE steps before the window are the
+same for every sample; they are computed once per group and the latent is repeated at the window (MATH.md
+"Branching at the window").
 """
 
 from __future__ import annotations
@@ -37,6 +42,23 @@ def recorded_steps(settings: SamplerSettings, run_seed: int, group_id: int) -> l
     return list(range(settings.trained_steps))
 
 
+def noise_streams(seeds: Sequence[int], latent: Sequence[int], antithetic: bool
+                  ) -> tuple[list[torch.Tensor], list[torch.Generator], list[float]]:
+    """Per sample of a group: its initial noise (the first draw of its seed's generator), the generator its step noise
+    comes from and the sign that noise takes. Sample i's own generator, sign +1; with `antithetic`, sample 2m+1 draws
+    from a generator seeded as sample 2m's, past the initial noise, with sign -1: the two step-noise streams are exact
+    negatives."""
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    initial = [torch.randn(tuple(latent), generator=g) for g in generators]
+    signs = [1.0] * len(seeds)
+    if antithetic:
+        for i in range(1, len(seeds), 2):
+            partner = torch.Generator().manual_seed(seeds[i - 1])
+            torch.randn(tuple(latent), generator=partner)  # past the partner's initial noise
+            generators[i], signs[i] = partner, -1.0
+    return initial, generators, signs
+
+
 class RolloutSampler:
     """Samples whole prompt groups with one loaded model and records the trained steps."""
 
@@ -57,30 +79,43 @@ class RolloutSampler:
         kinds = [s.kind if (index in position or not s.fast_window_size) else "ode" for index in range(s.num_steps)]
         embeds = model.encode_prompts([group.prompt])
 
-        generators = [torch.Generator().manual_seed(seed) for seed in group.seeds]
         latent = model.latent_shape(1, s.height, s.width)[1:]
-        initial = [torch.randn(latent, generator=g) for g in generators]
+        initial, generators, signs = noise_streams(group.seeds, latent, s.antithetic)
         if s.same_initial_noise:
             initial = [initial[0]] * size
+        first = recorded[0] if s.fast_window_size and s.same_initial_noise else 0  # the first step not shared
+        shared = initial[0][None].to(model.device)
+        for index in range(first):  # the group's common ODE prefix, once
+            v = guided_velocity(model, shared, self.sigmas[index], embeds, self.negative, s)
+            shared = step("ode", shared, v, self.sigmas, index, noise_level=0.0,
+                          log_prob_form=s.log_prob_form).prev_sample
 
         states = torch.empty(size, len(recorded), *latent)
         next_states = torch.empty_like(states)
         log_probs = torch.empty(size, len(recorded))
+        means = torch.empty_like(states) if s.record_means else None
         images = []
         for chunk in s.chunks(size):
             rows = slice(chunk.start, chunk.stop)
-            x = torch.stack([initial[i] for i in chunk]).to(model.device)
-            for index, kind in enumerate(kinds):
+            if first:
+                x = shared.expand(len(chunk), *latent).clone()
+            else:
+                x = torch.stack([initial[i] for i in chunk]).to(model.device)
+            for index in range(first, s.num_steps):
+                kind = kinds[index]
                 v = guided_velocity(model, x, self.sigmas[index], embeds, self.negative, s)
                 noise = None
                 if kind != "ode":
-                    noise = torch.stack([torch.randn(latent, generator=generators[i]) for i in chunk]).to(model.device)
+                    noise = torch.stack([signs[i] * torch.randn(latent, generator=generators[i])
+                                         for i in chunk]).to(model.device)
                 out = step(kind, x, v, self.sigmas, index, noise_level=s.noise_level, noise=noise,
                            log_prob_form=s.log_prob_form)
                 if index in position:
                     states[rows, position[index]] = x.float().cpu()
                     next_states[rows, position[index]] = out.prev_sample.float().cpu()
                     log_probs[rows, position[index]] = out.log_prob.float().cpu()
+                    if means is not None:
+                        means[rows, position[index]] = out.mean.float().cpu()
                 x = out.prev_sample
             images.append(model.decode(x, s.height, s.width))
 
@@ -98,6 +133,7 @@ class RolloutSampler:
             sigmas=self.sigmas.clone(),
             images=torch.cat(images),
             settings=s,
+            means=means,
         )
 
     @torch.no_grad()

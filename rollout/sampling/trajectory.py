@@ -36,6 +36,8 @@ class SamplerSettings:
     trained_steps: int
     fast_window_size: int = 0  # 0: no Fast window
     same_initial_noise: bool = False
+    antithetic: bool = False  # the stochastic steps' noise in (z, -z) pairs: samples 2m and 2m+1 of a group
+    record_means: bool = False  # keep each recorded step's mean (GRPO-Guard's μ_old)
 
     @staticmethod
     def from_config(cfg: JobConfig) -> SamplerSettings:
@@ -54,6 +56,8 @@ class SamplerSettings:
             trained_steps=cfg.trained_steps,
             fast_window_size=s.fast_window.size if s.fast_window is not None else 0,
             same_initial_noise=s.same_initial_noise,
+            antithetic=s.antithetic,
+            record_means=cfg.learner.ratio_norm,
         )
 
     @property
@@ -73,8 +77,10 @@ class Trajectories:
 
     Shapes: states / next_states float32 (G, K, *latent), log_probs float32 (G, K), step_indices long (K,) (the
     sigma index of each recorded step, shared by the whole group: the Fast window is drawn once per group, which is
-    this project's "once per sampling batch"), sigmas float32 (N + 1,), images uint8 (G, H, W, 3). `prompt_embeds`
-    holds one row (CPU); the negative "" embeddings needed for true CFG travel once per job, not in each record.
+    this project's "once per sampling batch"), sigmas float32 (N + 1,), images uint8 (G, H, W, 3), and with
+    `settings.record_means` means float32 (G, K, *latent), the mean each recorded next state was drawn around.
+    `prompt_embeds` holds one row (CPU); the negative "" embeddings needed for true CFG travel once per job, not in
+    each record.
     """
 
     group_id: int
@@ -90,6 +96,7 @@ class Trajectories:
     sigmas: torch.Tensor
     images: torch.Tensor
     settings: SamplerSettings
+    means: torch.Tensor | None = None  # with settings.record_means: the mean each recorded next state was drawn around
 
     def __post_init__(self) -> None:
         g, k = self.log_probs.shape if self.log_probs.ndim == 2 else (-1, -1)
@@ -101,6 +108,10 @@ class Trajectories:
             "sigmas": (self.sigmas, torch.float32, (self.settings.num_steps + 1,)),
             "images": (self.images, torch.uint8, (g, self.settings.height, self.settings.width, 3)),
         }
+        if self.settings.record_means or self.means is not None:
+            if self.means is None:
+                raise ValueError("Trajectories.means is required when settings.record_means (GRPO-Guard)")
+            expected["means"] = (self.means, torch.float32, tuple(self.states.shape))
         for name, (tensor, dtype, shape) in expected.items():
             if tensor.dtype != dtype or tuple(tensor.shape) != shape:
                 raise ValueError(
