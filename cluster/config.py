@@ -18,6 +18,7 @@ STEP_KINDS = ("ode", "sde", "dance", "cps", "sde_exact")  # MATH.md "Step rules"
 TRAINABLE_KINDS = tuple(kind for kind in STEP_KINDS if kind != "ode")
 GUARD_KINDS = ("sde", "sde_exact")  # the rules GRPO-Guard normalises (MATH.md "GRPO-Guard")
 LOG_PROB_FORMS = ("gaussian", "squared")
+OBJECTIVES = ("grpo", "nft", "awm")  # MATH.md "GRPO" and "Forward-process objectives"
 FILE_SOURCES = ("text", "geneval_jsonl")  # prompt sources read from `path`
 EVAL_SOURCES = ("builtin", *FILE_SOURCES, "shapes_train", "shapes_heldout", "shapes_all")
 DATA_SOURCES = (*EVAL_SOURCES, "geneval_generate")  # training prompts may also be generated
@@ -162,7 +163,14 @@ class EmaConfig(Section):
 
 
 class LearnerConfig(PoolConfig):
-    """DeepSpeed ZeRO GRPO learner (MATH.md "GRPO")."""
+    """DeepSpeed ZeRO learner: GRPO on recorded steps, or DiffusionNFT / AWM on clean samples (MATH.md)."""
+
+    objective: Literal[OBJECTIVES] = Field("grpo", description="grpo: the clipped ratio on recorded steps; nft / awm: "
+                                           "forward-process objectives on the rollouts' final samples")
+    nft_beta: float = Field(1.0, gt=0.0, description="nft: β of the implicit policies v± (papers: 1, 0.1 for OCR)")
+    nft_weighting: Literal["adaptive", "none"] = "adaptive"
+    old_adapter_schedule: Literal["default", "ocr"] = Field(
+        "default", description="nft: the sampling adapter's soft-update decay, min(0.001k, 0.5) or the OCR schedule")
 
     zero_stage: Literal[2, 3] = 2
     precision: Literal["fp32", "bf16"] = "bf16"
@@ -178,7 +186,8 @@ class LearnerConfig(PoolConfig):
     clip_range: float = Field(1e-4, gt=0.0)
     log_prob_reduction: Literal["mean", "sum"] = Field(
         "mean", description="per-element mean (the papers, clip ~1e-4) or sum over the latent (an ordinary clip ~0.2)")
-    beta: float = Field(0.0, ge=0.0, description="KL weight")
+    beta: float = Field(0.0, ge=0.0, description="KL weight (nft: β_KL, awm: β_ref, on the velocity distance to the "
+                        "adapter-disabled model)")
     updates_per_iteration: int = Field(2, ge=1)
     micro_batch_size: int = Field(1, ge=1, description="samples per learner rank per forward")
     gradient_checkpointing: bool = False
@@ -265,6 +274,17 @@ class JobConfig(Section):
     metrics: MetricsConfig = MetricsConfig()
     ray: RayConfig = RayConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _forward_objectives_sample_with_the_ode(cls, data: Any) -> Any:
+        """nft and awm train on final samples of any sampler; unless one is given, the ODE."""
+        if isinstance(data, dict) and isinstance(data.get("learner"), dict) and \
+                data["learner"].get("objective") in OBJECTIVES[1:]:
+            sampler = data.get("sampler") or {}
+            if isinstance(sampler, dict) and "kind" not in sampler:
+                data = {**data, "sampler": {**sampler, "kind": "ode"}}
+        return data
+
     @model_validator(mode="after")
     def _check_relations(self) -> "JobConfig":
         problems = _cross_field_problems(self)
@@ -274,8 +294,11 @@ class JobConfig(Section):
 
     @property
     def trained_steps(self) -> int:
-        """Steps trained per trajectory: the Fast window, the configured count, or all but the last."""
+        """Steps trained per trajectory: the Fast window, the configured count, or all but the last. For nft and awm:
+        the noise levels each final sample is trained at, ⌊0.99·N⌋ of the schedule's N."""
         s = self.sampler
+        if self.learner.objective != "grpo":
+            return max(1, int(0.99 * s.num_steps))
         if s.fast_window is not None:
             return s.fast_window.size
         return s.trained_steps if s.trained_steps is not None else s.num_steps - 1
@@ -290,10 +313,11 @@ def _cross_field_problems(cfg: JobConfig) -> list[str]:
     s, d, lr = cfg.sampler, cfg.data, cfg.learner
     n = s.num_steps
 
-    if s.kind == "ode":
-        p.append(f"sampler.kind = 'ode': the ODE step has no log-prob to train; "
-                 f"allowed for training: {', '.join(TRAINABLE_KINDS)}")
-    elif s.noise_level <= 0:
+    forward = lr.objective != "grpo"
+    if s.kind == "ode" and not forward:
+        p.append(f"sampler.kind = 'ode': the ODE step has no log-prob to train with GRPO; "
+                 f"allowed for training: {', '.join(TRAINABLE_KINDS)} (or learner.objective nft / awm)")
+    elif s.kind != "ode" and s.noise_level <= 0:
         p.append(f"sampler.noise_level = {s.noise_level}: a {s.kind} rollout needs noise to have a log-prob; must be > 0")
     if s.kind == "cps" and s.noise_level > 1:
         p.append(f"sampler.noise_level = {s.noise_level}: CPS eta must lie in [0, 1]")
@@ -308,6 +332,18 @@ def _cross_field_problems(cfg: JobConfig) -> list[str]:
             p.append(f"sampler.trained_steps = {s.trained_steps}: with a Fast window only the window is trained; "
                      f"leave it unset or equal to fast_window.size ({s.fast_window.size})")
 
+    if forward:
+        why = f"learner.objective = {lr.objective!r} trains on final samples"
+        if s.fast_window is not None:
+            p.append(f"sampler.fast_window: {why}; a window of trained steps means nothing there: remove it")
+        if lr.ratio_norm:
+            p.append(f"learner.ratio_norm = true: GRPO-Guard is a GRPO option; {why}")
+        if lr.finetune != "lora":
+            p.append(f"learner.finetune = {lr.finetune!r}: {lr.objective} keeps a second LoRA adapter (old / prox); "
+                     f"use finetune 'lora'")
+        if lr.zero_stage != 2:
+            p.append(f"learner.zero_stage = {lr.zero_stage}: {lr.objective} swaps its second adapter into the "
+                     f"parameters, which needs them whole on every rank; use zero_stage 2")
     if lr.ratio_norm:
         if s.kind not in GUARD_KINDS:
             p.append(f"learner.ratio_norm = true: GRPO-Guard normalises the Gaussian log-ratio of "

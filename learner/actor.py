@@ -42,6 +42,8 @@ from learner.batch import (
 from learner.checkpoint import export_lora, fill_live, load_tree, rank_stem, save_tree
 from learner.ema import Ema
 from learner.engine import PRECISION_DTYPES, EngineForward, deepspeed_config, micro_batches_per_update
+from learner.forward_batch import final_micro_batch
+from learner.forward_training import ForwardTraining
 from learner.group import DistributedActor
 from learner.grpo import nonzero_advantage_indices
 from learner.loss import UpdateStats, adapter_disabled, log_prob_scale, step_loss
@@ -59,7 +61,7 @@ from rollout.weights import (
 )
 
 
-class LearnerActor(DistributedActor):
+class LearnerActor(ForwardTraining, DistributedActor):
     """One learner rank: the DeepSpeed engine, the optimizer-step and policy-version counters, and (rank 0) the EMA."""
 
     # ---------------------------------------------------------------------------------------------------------------
@@ -121,8 +123,10 @@ class LearnerActor(DistributedActor):
             self.metrics.zero("weight_sync_bytes_total")
         self.optimizer_steps = 0  # applied optimizer updates = the policy version
         self.iterations = 0
-        initial = self._policy_state(everyone=False)
+        initial = self._policy_state(everyone=lc.objective != "grpo")
         self.ema = Ema(initial) if lc.ema.enabled and self.rank == 0 else None
+        # nft: the old (sampling) adapter; awm: the prox adapter. Starts at θ, follows it by soft updates.
+        self.second = {k: v.to(self.device) for k, v in initial.items()} if lc.objective != "grpo" else None
         return {
             "rank": self.rank,
             "world_size": self.world_size,
@@ -167,7 +171,7 @@ class LearnerActor(DistributedActor):
         samples = sample_order(groups)
         num_micro = micro_batches_per_update(cfg)
         # "sum" sums log-probs and KL over the D elements of a recorded latent (MATH.md): here it becomes that factor
-        scale = log_prob_scale(lc.log_prob_reduction, groups[0].states[0, 0].numel())
+        scale = 1.0 if lc.objective != "grpo" else log_prob_scale(lc.log_prob_reduction, groups[0].states[0, 0].numel())
         keep = None
         if lc.drop_zero_advantage:
             nonzero = nonzero_advantage_indices(adv)
@@ -181,7 +185,11 @@ class LearnerActor(DistributedActor):
             update_started = time.perf_counter()
             stats = UpdateStats()
             for positions in update[self.rank]:
-                mb = micro_batch(groups, [samples[i] for i in positions], adv[positions], self.device)
+                refs = [samples[i] for i in positions]
+                if lc.objective != "grpo":
+                    self._train_final(final_micro_batch(groups, refs, adv[positions], self.device), stats)
+                    continue
+                mb = micro_batch(groups, refs, adv[positions], self.device)
                 for k in range(mb.num_steps):
                     self._train_step(mb, k, stats, scale)
             trained = adv[[i for share in update for positions in share for i in positions]]
@@ -233,6 +241,7 @@ class LearnerActor(DistributedActor):
             self.metrics.inc("updates_skipped_total")
         if applied:
             self.optimizer_steps += 1
+            self._follow_theta()
             if self.cfg.learner.ema.enabled and self.optimizer_steps % self.cfg.learner.ema.every == 0:
                 state = self._policy_state(everyone=False)
                 if self.ema is not None:
@@ -284,7 +293,9 @@ class LearnerActor(DistributedActor):
         gathered at once, then cut); every rank iterates (ZeRO-3 gathers each bucket), rank 0 gets the buckets."""
         bucket_bytes = int(self.cfg.learner.publish_bucket_mb * 2**20)
         if self.cfg.learner.finetune == "lora":
-            state = self._policy_state(everyone=False)
+            # nft: the rollouts sample with the old adapter
+            state = self._policy_state(everyone=False) if self.cfg.learner.objective != "nft" else (
+                self.second_state() if self.rank == 0 else None)
             for bucket in split_buckets(state.items(), bucket_bytes) if state is not None else ():
                 yield dict(bucket)
             return
@@ -349,10 +360,11 @@ class LearnerActor(DistributedActor):
                 "ema_updates": self.ema.num_updates if self.ema is not None else 0}
 
     def state(self) -> dict[str, Any]:
-        """Everything this rank needs to resume: weights, its optimizer partition, EMA (rank 0), counters."""
+        """Everything this rank needs to resume: weights, its optimizer partition, EMA (rank 0), the second adapter
+        (nft, awm), counters."""
         return {"weights": self.trainable_state(), "optimizer": self.optimizer_state(),
-                "ema": self.ema.state_dict() if self.ema is not None else None, "counters": self.counters(),
-                "torch_rng": torch.get_rng_state()}  # only LoRA dropout draws from it
+                "ema": self.ema.state_dict() if self.ema is not None else None, "second": self.second_state(),
+                "counters": self.counters(), "torch_rng": torch.get_rng_state()}  # only LoRA dropout draws from it
 
     def save_shard(self, folder: str) -> dict[str, Any]:
         """Write this rank's `state()` into a checkpoint folder (rank 0 also exports the EMA LoRA); all ranks call at
@@ -384,3 +396,5 @@ class LearnerActor(DistributedActor):
             torch.set_rng_state(state["torch_rng"])
         self.optimizer_steps = int(state["counters"]["optimizer_steps"])
         self.iterations = int(state["counters"]["iterations"])
+        if self.second is not None:
+            self.second = {k: v.to(self.device) for k, v in state["second"].items()}

@@ -60,7 +60,10 @@ def sort_batch(
             raise ValueError(f"group {g.group_id}: {r.numel()} rewards for {g.group_size} samples")
         if not torch.isfinite(r).all():
             raise ValueError(f"group {g.group_id}: non-finite rewards {r.tolist()} (a failed score drops the group)")
-        if g.num_recorded_steps != trained_steps:
+        if type(g) is not type(first):
+            raise ValueError(f"group {g.group_id} is a {type(g).__name__}, group {first.group_id} a "
+                             f"{type(first).__name__}: one iteration holds one kind of rollout")
+        if isinstance(g, Trajectories) and g.num_recorded_steps != trained_steps:
             raise ValueError(f"group {g.group_id} records {g.num_recorded_steps} steps but the learner trains "
                              f"{trained_steps} per trajectory (cfg.trained_steps); rollout and learner configs differ")
         if g.settings != first.settings or not torch.equal(g.sigmas, first.sigmas):

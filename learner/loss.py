@@ -111,12 +111,14 @@ class UpdateStats:
             all_reduce(self.max_ratio_dev, "max")
 
     def summary(self) -> dict[str, float]:
-        """Means per call (loss, policy_loss, kl) and per (sample, step) (clip fraction, ratio, approx-KL)."""
+        """Means per call (loss, policy_loss, kl) and per (sample, step) (clip fraction, ratio, approx-KL; only when
+        some call had a ratio)."""
         s = dict(zip(self.LOSSES, self.losses.tolist()))
         calls = max(s["calls"], 1.0)
+        ratio = RatioStats(self.ratio_sums, self.max_ratio_dev)
         return {
             "loss": s["loss"] / calls,
             "policy_loss": s["policy_loss"] / calls,
             "kl": s["kl"] / calls,
-            **RatioStats(self.ratio_sums, self.max_ratio_dev).means(),
+            **(ratio.means() if self.ratio_sums[0] > 0 else {}),  # none without a ratio (nft, awm)
         }

@@ -20,7 +20,8 @@ def summarise(iteration: int, batch: list[Trajectories], rewards: list[GroupRewa
     scores = {name: np.concatenate([r.scores[name] for r in rewards]) for name in rewards[0].scores}
     updates = stats["updates"]
     learner = {k: float(np.mean([u[k] for u in updates])) for k in
-               ("loss", "policy_loss", "kl", "clip_frac", "ratio_mean", "ratio_std", "approx_kl", "grad_norm")}
+               ("loss", "policy_loss", "kl", "clip_frac", "ratio_mean", "ratio_std", "approx_kl", "grad_norm")
+               if k in updates[0]}  # no ratio for nft and awm
     return {
         "iteration": iteration,
         "policy_version": stats["policy_version"],
@@ -61,7 +62,8 @@ class Metrics:
         m.set("iteration", summary["iteration"])
         for name in ("policy_version", "staleness", "loss", "kl", "clip_frac", "ratio_mean", "ratio_std", "approx_kl",
                      "grad_norm", "zero_std_group_frac"):
-            m.set(name, summary[name])
+            if name in summary:  # no ratio for nft and awm
+                m.set(name, summary[name])
         for stage, seconds in times.items():
             m.set("stage_seconds", seconds, stage=stage)
         m.set("reward_mean", summary["reward_mean"], scorer="total")
@@ -94,9 +96,10 @@ def progress_line(iteration: int, total: int, s: dict[str, Any], times: dict[str
     """One line per iteration: rewards, learner statistics, stage seconds."""
     stages = " ".join(f"{k} {v:.1f}s" for k, v in times.items())
     scorers = ", ".join(f"{k} {v:.5g}" for k, v in s["rewards"].items())
+    ratio = (f"clip {s['clip_frac']:.2f} ratio {s['ratio_mean']:.6f} ± {s['ratio_std']:.2g} "
+             if "ratio_mean" in s else "")
     line = (f"iter {iteration}/{total} v{s['policy_version']} | reward {s['reward_mean']:.5g} ± {s['reward_std']:.3g} "
-            f"({scorers}) | loss {s['loss']:.3g} kl {s['kl']:.3g} clip {s['clip_frac']:.2f} "
-            f"ratio {s['ratio_mean']:.6f} ± {s['ratio_std']:.2g} gnorm {s['grad_norm']:.3g} "
+            f"({scorers}) | loss {s['loss']:.3g} kl {s['kl']:.3g} {ratio}gnorm {s['grad_norm']:.3g} "
             f"zero-std {s['zero_std_group_frac']:.2f} stale {s['staleness']} | {stages}")
     if "eval" in s:
         means = ", ".join(f"{k} {v:.4f}" for k, v in s["eval"].items() if isinstance(v, float))

@@ -12,7 +12,7 @@ from cluster.config_loading import load_config, validate_config
 from learner.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ["tiny", "flux", "sd3"]
+SHIPPED = ["tiny", "flux", "sd3", "sd3_fast_nocfg", "sd3_nft"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -38,6 +38,15 @@ PAPERS = {
              "learner.beta": 0.0, "learner.lora.rank": 64, "learner.lora.alpha": 128, "learner.clip_range": 1e-4,
              "learner.updates_per_iteration": 2, "reward": "pickscore", "true_cfg": False,
              "lora_on": "attention and feed-forward", "trained_steps": 5, "data.source": "text"},
+    # flow_grpo's "nocfg" recipe (MATH.md "Training without CFG"): the Fast CPS setting with guidance 1 throughout
+    "sd3_fast_nocfg": {"model.family": "sd3", "sampler.kind": "cps", "sampler.noise_level": 0.8,
+                       "sampler.num_steps": 10, "sampler.guidance_scale": 1.0, "trained_steps": 3,
+                       "learner.clip_range": 1e-5, "learner.beta": 0.0, "learner.lr": 3e-4, "reward": "geneval"},
+    # DiffusionNFT's defaults (arXiv 2509.16117)
+    "sd3_nft": {"model.family": "sd3", "learner.objective": "nft", "sampler.kind": "ode", "sampler.num_steps": 10,
+                "sampler.guidance_scale": 1.0, "learner.nft_beta": 1.0, "learner.beta": 1e-4, "learner.lr": 3e-4,
+                "learner.lora.rank": 32, "learner.lora.alpha": 64, "lora_on": "attention", "data.group_size": 24,
+                "groups": 48, "learner.updates_per_iteration": 1, "trained_steps": 9, "reward": "geneval"},
 }
 
 
@@ -115,6 +124,11 @@ BAD = [
     (["data.group_size=5"], "data.images_per_iteration"),
     (["sampler.antithetic=true", "data.group_size=5", "data.images_per_iteration=40"], "sampler.antithetic"),
     (["learner.ratio_norm=true"], "learner.ratio_norm"),  # CPS
+    (["learner.objective=bogus"], "learner.objective"),
+    (["learner.objective=nft", "sampler.num_steps=8", "sampler.fast_window.size=2"], "sampler.fast_window"),
+    (["learner.objective=awm", "learner.zero_stage=3"], "learner.zero_stage"),
+    (["learner.objective=nft", "learner.finetune=full"], "learner.finetune"),
+    (["learner.objective=nft", "learner.nft_beta=0"], "learner.nft_beta"),
     (["learner.ratio_norm=true", "sampler.kind=sde", "learner.log_prob_reduction=sum"], "learner.ratio_norm"),
     (["data.group_size=1"], "data.group_size"),
     (["learner.micro_batch_size=3"], "learner.micro_batch_size"),
@@ -224,3 +238,16 @@ def test_defaults_match_math_md():
     assert (lr.advantage_clip, lr.advantage_std, lr.updates_per_iteration, lr.max_staleness) == (5.0, "global", 2, 1)
     assert (c.data.group_size, c.data.images_per_iteration) == (24, 1152)
     assert c.ray.host == "127.0.0.1" and c.metrics.port == 9400
+
+
+def test_forward_objectives_sample_with_the_ode_unless_told_and_train_at_099_of_the_levels():
+    data = yaml.safe_load((ROOT / "cluster/tiny.yaml").read_text())
+    del data["sampler"]["kind"]
+    data["learner"]["objective"] = "nft"
+    cfg = validate_config(data)
+    assert cfg.sampler.kind == "ode" and cfg.trained_steps == 3  # ⌊0.99·4⌋ of the 4 levels
+    data["sampler"]["kind"] = "sde"
+    assert validate_config(data).sampler.kind == "sde"  # any sampler works
+    data["learner"]["objective"] = "grpo"
+    del data["sampler"]["kind"]
+    assert validate_config(data).sampler.kind == "cps"  # GRPO keeps the default rule

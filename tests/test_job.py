@@ -103,6 +103,23 @@ def test_resume_continues_exactly(full_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_nft_keeps_its_old_adapter_in_the_checkpoint_and_resumes_exactly(tmp_path):
+    nft = ["learner.objective=nft", "sampler.kind=ode", "iterations=2", "eval.every_n_iterations=0"]
+    out = tmp_path / "nft"
+    run_job(out, *nft)
+    assert [h["policy_version"] for h in history(out)] == [1, 2]
+    resumed = tmp_path / "resumed"
+    run_job(resumed, *nft, resume=str(out / "checkpoints" / "iter-000001"))
+    a = load_tree(out / "checkpoints" / "iter-000002" / "learner-rank0")
+    b = load_tree(resumed / "checkpoints" / "iter-000002" / "learner-rank0")
+    assert a["second"].keys() == a["weights"].keys() and len(a["second"]) > 10  # the old adapter, LoRA keys
+    # it follows θ with decay η_k = 0.001·k: after two steps it is near θ but not θ
+    assert any(not torch.equal(a["second"][k], a["weights"][k]) for k in a["weights"])
+    for part in ("weights", "second"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+
+
+@pytest.mark.slow
 def test_full_fine_tuning_trains_publishes_in_buckets_and_resumes_exactly(tmp_path):
     full = ["learner.finetune=full", "learner.lr=1e-4", "learner.publish_bucket_mb=0.1", "iterations=2",
             "eval.every_n_iterations=0"]

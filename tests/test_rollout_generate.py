@@ -178,3 +178,19 @@ def test_record_refuses_inconsistent_shapes(models, tiny_model_dirs):
         replace(traj, next_states=traj.next_states[:, :1])
     with pytest.raises(ValueError, match="images"):
         replace(traj, images=traj.images.float())
+
+
+def test_forward_objectives_get_final_samples_equal_to_the_ode_evaluation(models, tiny_model_dirs):
+    from rollout.sampling.trajectory import FinalSamples
+
+    sampler = _sampler(models, tiny_model_dirs, "sd3", "learner.objective=nft", "sampler.kind=ode")
+    group = _group()
+    final = sampler.sample_group(group, policy_version=2)
+    assert isinstance(final, FinalSamples) and final.policy_version == 2
+    assert final.latents.shape == (4, *models["sd3"].latent_shape(1, SIZE, SIZE)[1:])
+    # the same ODE from the same seeds as the evaluation path, in another batch layout
+    evaluated = sampler.sample_eval([group.prompt] * 4, list(group.seeds), num_steps=sampler.settings.num_steps,
+                                    batch_size=4)
+    assert (final.images.int() - evaluated.int()).abs().max() <= 1
+    decoded = models["sd3"].decode(final.latents, SIZE, SIZE)  # the latents are those the images were decoded from
+    assert (decoded.int() - final.images.int()).abs().max() <= 1

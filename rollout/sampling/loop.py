@@ -21,7 +21,7 @@ from rollout.models.contract import FlowModel
 from rollout.prompts.groups import PromptGroup
 from rollout.sampling.forward import guided_velocity
 from rollout.sampling.steps import step
-from rollout.sampling.trajectory import SamplerSettings, Trajectories
+from rollout.sampling.trajectory import FinalSamples, SamplerSettings, Trajectories
 
 
 def fast_window_start(run_seed: int, group_id: int, num_steps: int, size: int) -> int:
@@ -70,11 +70,12 @@ class RolloutSampler:
         self.negative = model.negative_embeds() if model.true_cfg else None
 
     @torch.no_grad()
-    def sample_group(self, group: PromptGroup, policy_version: int = 0) -> Trajectories:
-        """G trajectories of one prompt (encoded once), sampled in chunks of `samples_per_forward`."""
+    def sample_group(self, group: PromptGroup, policy_version: int = 0) -> Trajectories | FinalSamples:
+        """G trajectories of one prompt (encoded once), sampled in chunks of `samples_per_forward`; only their final
+        samples when the settings record no steps (nft, awm)."""
         s, model = self.settings, self.model
         size = len(group.seeds)
-        recorded = recorded_steps(s, self.run_seed, group.group_id)
+        recorded = recorded_steps(s, self.run_seed, group.group_id) if s.record_steps else []
         position = {index: k for k, index in enumerate(recorded)}
         kinds = [s.kind if (index in position or not s.fast_window_size) else "ode" for index in range(s.num_steps)]
         embeds = model.encode_prompts([group.prompt])
@@ -94,7 +95,7 @@ class RolloutSampler:
         next_states = torch.empty_like(states)
         log_probs = torch.empty(size, len(recorded))
         means = torch.empty_like(states) if s.record_means else None
-        images = []
+        images, finals = [], []
         for chunk in s.chunks(size):
             rows = slice(chunk.start, chunk.stop)
             if first:
@@ -118,6 +119,13 @@ class RolloutSampler:
                         means[rows, position[index]] = out.mean.float().cpu()
                 x = out.prev_sample
             images.append(model.decode(x, s.height, s.width))
+            finals.append(x.float().cpu())
+
+        if not s.record_steps:
+            return FinalSamples(group_id=group.group_id, prompt=group.prompt, metadata=group.metadata,
+                                seeds=tuple(group.seeds), policy_version=policy_version,
+                                prompt_embeds=embeds.to("cpu"), latents=torch.cat(finals), sigmas=self.sigmas.clone(),
+                                images=torch.cat(images), settings=s)
 
         return Trajectories(
             group_id=group.group_id,

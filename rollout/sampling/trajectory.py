@@ -38,6 +38,7 @@ class SamplerSettings:
     same_initial_noise: bool = False
     antithetic: bool = False  # the stochastic steps' noise in (z, -z) pairs: samples 2m and 2m+1 of a group
     record_means: bool = False  # keep each recorded step's mean (GRPO-Guard's μ_old)
+    record_steps: bool = True  # False (nft, awm): a rollout returns its final samples only (FinalSamples)
 
     @staticmethod
     def from_config(cfg: JobConfig) -> SamplerSettings:
@@ -58,6 +59,7 @@ class SamplerSettings:
             same_initial_noise=s.same_initial_noise,
             antithetic=s.antithetic,
             record_means=cfg.learner.ratio_norm,
+            record_steps=cfg.learner.objective == "grpo",
         )
 
     @property
@@ -133,3 +135,43 @@ class Trajectories:
     def num_recorded_steps(self) -> int:
         """K, the trained steps recorded per trajectory."""
         return self.log_probs.shape[1]
+
+
+@dataclass(frozen=True)
+class FinalSamples:
+    """G final samples of one prompt, for the forward-process objectives (nft, awm): no per-step record, no log-prob.
+
+    latents float32 (G, *latent): the clean samples x0 the rollout ended at; sigmas float32 (N + 1,): the schedule
+    whose noise levels the learner trains at; images uint8 (G, H, W, 3); `prompt_embeds` one row (CPU).
+    """
+
+    group_id: int
+    prompt: str
+    metadata: dict = field(hash=False)
+    seeds: tuple[int, ...]
+    policy_version: int
+    prompt_embeds: PromptEmbeds
+    latents: torch.Tensor
+    sigmas: torch.Tensor
+    images: torch.Tensor
+    settings: SamplerSettings
+
+    def __post_init__(self) -> None:
+        g = len(self.seeds)
+        expected = {
+            "latents": (self.latents, torch.float32, (g, *self.latents.shape[1:])),
+            "sigmas": (self.sigmas, torch.float32, (self.settings.num_steps + 1,)),
+            "images": (self.images, torch.uint8, (g, self.settings.height, self.settings.width, 3)),
+        }
+        for name, (tensor, dtype, shape) in expected.items():
+            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"FinalSamples.{name} must be {dtype} of shape {shape}, got {tensor.dtype} {tuple(tensor.shape)}"
+                )
+        if len(self.prompt_embeds) != 1:
+            raise ValueError(f"FinalSamples.prompt_embeds must hold one row, got {len(self.prompt_embeds)}")
+
+    @property
+    def group_size(self) -> int:
+        """G, the samples of this prompt."""
+        return self.latents.shape[0]
