@@ -1,13 +1,16 @@
-"""The CPU micro-benchmark: GRPO through the whole job on the shapes base model, Flow-SDE vs CPS vs the exact SDE (and
-the papers' reference setting as a check), evaluated on the training and the held-out combos.
+"""The CPU micro-benchmark as a race: GRPO (Flow-SDE, CPS, the exact SDE, GRPO-Guard, the papers' reference setting)
+against DiffusionNFT and AWM through the whole job on the shapes base model, with the same seeds and the same budget of
+rollout images, evaluated on the training and the held-out combos.
 
-    .venv/bin/python bench/micro.py [--iterations 50] [--eval-every 25] [--eval-samples 512] [--out runs/micro-bench]
+    .venv/bin/python bench/micro.py [--methods sde,cps,nft] [--iterations 50] [--eval-every 25]
+                                    [--eval-samples 512] [--out runs/micro-bench]
 
 Builds the base model once (bench/shapes_base.py, cached in .cache/shapes-base), runs
-`python -m learner.main --cfg cluster/micro.yaml` once per rule with the same seeds and budget, evaluates the base model
-and every checkpoint with the same ODE seeds (exact accuracy of the `shapes` reward, mean ± standard error), and writes
-to --out: results.md (the tables), results.json, curves.png (accuracy against iteration), samples.png (base vs tuned,
-same seeds) and the noise probe (high-frequency energy of images sampled by each step rule from one initial noise).
+`python -m learner.main --cfg cluster/micro.yaml` once per method, evaluates the base model and every checkpoint with
+the same ODE seeds (exact accuracy of the `shapes` reward, mean ± standard error), and writes to --out: results.md (the
+tables), results.json, curves.png (training- and held-out-combo accuracy against wall-clock minutes of training),
+samples.png (base vs tuned, same seeds) and the noise probe (high-frequency energy of images sampled by each step rule
+from one initial noise).
 """
 
 from __future__ import annotations
@@ -41,16 +44,26 @@ from rollout.shapes import data as shapes_data  # noqa: E402
 from rollout.weights import add_lora, apply_policy_state, policy_state  # noqa: E402
 
 CONFIG = ROOT / "cluster" / "micro.yaml"
-RULES = {  # name -> (what it is, config overrides); the Fast variant's noise level 0.8 for every rule
+# The forward objectives sample whole ODE trajectories, each with its own initial noise (a shared one would make a
+# group's ODE samples identical), and train at 9 of the 10 levels per image.
+FORWARD = ["sampler.kind=ode", "sampler.fast_window=null", "sampler.same_initial_noise=false"]
+RULES = {  # name -> (what it is, config overrides); the Fast variant's noise level 0.8 for every GRPO rule
     "sde": ("Flow-SDE a=0.8", ["sampler.kind=sde", "sampler.noise_level=0.8"]),
     "cps": ("CPS eta=0.8", ["sampler.kind=cps", "sampler.noise_level=0.8"]),
     "sde_exact": ("exact SDE a=0.8", ["sampler.kind=sde_exact", "sampler.noise_level=0.8"]),
     "reference": ("Flow-SDE a=0.8, mean log-prob, clip 1e-5, lr 3e-4",
                   ["sampler.kind=sde", "sampler.noise_level=0.8", "learner.log_prob_reduction=mean",
                    "learner.clip_range=1e-5", "learner.lr=3e-4"]),
+    "guard": ("GRPO-Guard, Flow-SDE a=0.8, clip 2e-6, lr 1e-4, group std",
+              ["sampler.kind=sde", "sampler.noise_level=0.8", "learner.ratio_norm=true",
+               "learner.log_prob_reduction=mean", "learner.clip_range=2e-6", "learner.lr=1e-4",
+               "learner.advantage_std=group"]),
+    "nft": ("DiffusionNFT, ODE rollouts, beta 1, lr 1e-3", ["learner.objective=nft", *FORWARD, "learner.lr=1e-3"]),
+    "awm": ("AWM, ODE rollouts, lr 1e-3", ["learner.objective=awm", *FORWARD, "learner.lr=1e-3"]),
 }
 SPLITS = ("train", "heldout")
-COLOURS = {"sde": (200, 60, 60), "cps": (40, 110, 200), "sde_exact": (40, 160, 80), "reference": (150, 150, 150)}
+COLOURS = {"sde": (200, 60, 60), "cps": (40, 110, 200), "sde_exact": (40, 160, 80), "reference": (150, 150, 150),
+           "guard": (230, 140, 30), "nft": (140, 60, 180), "awm": (20, 150, 160)}
 
 
 class Evaluator:
@@ -127,11 +140,12 @@ def noise_probe(evaluator: Evaluator, groups: int = 8, size: int = 8) -> dict[st
 
 
 def plot_curves(curves: dict, path: Path) -> None:
-    """Accuracy against iteration, one panel per split, ±1 standard error bars: a PNG drawn with PIL."""
+    """Accuracy against wall-clock minutes of training (curves: {method: {split: [(minutes, (acc, se))]}}), one panel
+    per split, ±1 standard error bars: a PNG drawn with PIL."""
     width, height, pad = 420, 300, 46
     canvas = Image.new("RGB", (2 * width, height + 40), "white")
     draw = ImageDraw.Draw(canvas)
-    iterations = max(i for rule in curves.values() for i, _ in rule["train"]) or 1
+    iterations = max(i for rule in curves.values() for i, _ in rule["train"]) or 1  # here: minutes
     for panel, split in enumerate(SPLITS):
         x0 = panel * width
         values = [v for rule in curves.values() for _, (v, _) in rule[split]]
@@ -142,12 +156,13 @@ def plot_curves(curves: dict, path: Path) -> None:
                     height - pad + 20 - (height - 2 * pad) * (v - lo) / max(hi - lo, 1e-6))
 
         draw.rectangle([x0 + pad, pad - 20 + 20, x0 + width - pad, height - pad + 20], outline="black")
-        draw.text((x0 + pad, 8), f"{split} combos: exact accuracy", fill="black")
+        draw.text((x0 + pad, 8), f"{split} combos: exact accuracy against minutes", fill="black")
         for k in range(5):
             v = lo + (hi - lo) * k / 4
             draw.text((x0 + 4, at(0, v)[1] - 6), f"{v:.2f}", fill="black")
-        for i in sorted({i for rule in curves.values() for i, _ in rule[split]}):  # the evaluated iterations
-            draw.text((at(i, lo)[0] - 8, height - pad + 24), str(i), fill="black")
+        for k in range(5):  # minute ticks
+            minutes = iterations * k / 4
+            draw.text((at(minutes, lo)[0] - 8, height - pad + 24), f"{minutes:.0f}", fill="black")
         for name, rule in curves.items():
             points = [at(i, v) for i, (v, _) in rule[split]]
             draw.line(points, fill=COLOURS[name], width=2)
@@ -155,8 +170,8 @@ def plot_curves(curves: dict, path: Path) -> None:
                 draw.line([at(i, v - se), at(i, v + se)], fill=COLOURS[name], width=1)
                 draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=COLOURS[name])
     for k, name in enumerate(curves):
-        draw.rectangle([pad + 110 * k, height + 22, pad + 110 * k + 12, height + 32], fill=COLOURS[name])
-        draw.text((pad + 110 * k + 16, height + 21), name, fill="black")
+        draw.rectangle([pad + 90 * k, height + 22, pad + 90 * k + 12, height + 32], fill=COLOURS[name])
+        draw.text((pad + 90 * k + 16, height + 21), name, fill="black")
     canvas.save(path)
 
 
@@ -180,13 +195,13 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=50)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--eval-samples", type=int, default=512)
-    ap.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, of {', '.join(RULES)}")
+    ap.add_argument("--methods", default=",".join(RULES), help=f"comma-separated, of {', '.join(RULES)}")
     ap.add_argument("--out", default="runs/micro-bench")
     args = ap.parse_args()
-    rules = args.rules.split(",")
+    rules = args.methods.split(",")
     unknown = [r for r in rules if r not in RULES]
     if unknown:
-        raise SystemExit(f"unknown rule {unknown[0]!r}; allowed: {', '.join(RULES)}")
+        raise SystemExit(f"unknown method {unknown[0]!r}; allowed: {', '.join(RULES)}")
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cfg = load_config(CONFIG)
@@ -205,7 +220,7 @@ def main() -> None:
     print(f"noise probe: {probe}", flush=True)
 
     results = {"iterations": args.iterations, "eval_samples": args.eval_samples, "base": base_accuracy,
-               "noise_probe": probe, "rules": {}}
+               "base_model": base, "noise_probe": probe, "rules": {}}
     finals = {}
     for name in rules:
         wall = run_rule(name, out / name, args.iterations, args.eval_every)
@@ -217,14 +232,16 @@ def main() -> None:
                 curve[split].append((int(folder.name[5:]), accuracy[split]))
         finals[name] = images
         history = [json.loads(ln) for ln in (out / name / "history.jsonl").read_text().splitlines()]
-        results["rules"][name] = {"setting": RULES[name][0], "job_s": wall, "curve": curve,
+        elapsed = np.cumsum([h["times"]["iteration"] for h in history]) / 60  # training minutes after iteration i
+        minutes = {split: [(0.0 if i == 0 else float(elapsed[i - 1]), a) for i, a in curve[split]] for split in SPLITS}
+        results["rules"][name] = {"setting": RULES[name][0], "job_s": wall, "curve": curve, "minutes": minutes,
                                   "s_per_iteration": float(np.mean([h["times"]["iteration"] for h in history]))}
         print(f"{name}: job {wall:.0f} s, final {curve['train'][-1][1]}, {curve['heldout'][-1][1]}", flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=1))
     results["wall_s"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
-    plot_curves({name: r["curve"] for name, r in results["rules"].items()}, out / "curves.png")
+    plot_curves({name: r["minutes"] for name, r in results["rules"].items()}, out / "curves.png")
     best = max(finals, key=lambda n: results["rules"][n]["curve"]["heldout"][-1][1][0])
     sample_grid([("base train", base_images["train"]), (f"{best} train", finals[best]["train"]),
                  ("base held-out", base_images["heldout"]), (f"{best} held-out", finals[best]["heldout"])],

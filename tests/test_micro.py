@@ -24,8 +24,22 @@ def test_micro_config_fits_the_base_model_and_two_cores():
     assert cfg.data.images_per_iteration // cfg.data.group_size == 8 and cfg.learner.updates_per_iteration == 1
 
 
+def test_every_method_of_the_race_is_a_valid_micro_config():
+    from tests.bench_helpers import load_bench
+
+    rules = load_bench("micro").RULES
+    assert {"sde", "cps", "sde_exact", "guard", "nft", "awm"} <= set(rules)
+    for name, (_, overrides) in rules.items():
+        cfg = load_config(ROOT / "cluster" / "micro.yaml", overrides)
+        assert cfg.data == load_config(ROOT / "cluster" / "micro.yaml").data, name  # the same budget of images
+    assert load_config(ROOT / "cluster" / "micro.yaml", rules["nft"][1]).trained_steps == 9
+    assert load_config(ROOT / "cluster" / "micro.yaml", rules["guard"][1]).learner.ratio_norm
+
+
 @pytest.mark.slow
-def test_a_short_micro_run_trains_on_the_shapes_reward(tmp_path):
+@pytest.mark.parametrize("method", [[], ["learner.objective=nft", "sampler.kind=ode", "sampler.fast_window=null",
+                                         "sampler.same_initial_noise=false"]], ids=["grpo", "nft"])
+def test_a_short_micro_run_trains_on_the_shapes_reward(tmp_path, method):
     from rollout.shapes.base_model import quick_settings
     from tests.bench_helpers import load_bench
 
@@ -35,7 +49,7 @@ def test_a_short_micro_run_trains_on_the_shapes_reward(tmp_path):
     overrides = [f"model.path={base}", f"output_dir={tmp_path / 'run'}", "iterations=2", "metrics.port=0",
                  "data.images_per_iteration=16", "learner.micro_batch_size=4", "eval.every_n_iterations=2",
                  "eval.source=shapes_heldout", "eval.batch_size=12", "checkpoint.every_n_iterations=0",
-                 "sampler.num_steps=4", "sampler.fast_window.size=2"]
+                 "sampler.num_steps=4", *(method or ["sampler.fast_window.size=2"])]
     args = [sys.executable, "-m", "learner.main", "--cfg", "cluster/micro.yaml"]
     for o in overrides:
         args += ["--set", o]
