@@ -261,6 +261,11 @@ def report(results: dict) -> str:
              "| rule | setting | train: base → final (Δ) | held-out: base → final (Δ, in SE) | job s | s/iter |",
              "|---|---|---|---|---|---|"]
     base = results["base"]
+    if "base_model" in results:
+        m = results["base_model"]
+        lines[1:1] = [f"Base model (seed {m['settings']['seed']}): validations (iteration, train exact without CFG) "
+                      f"{m.get('validations', 'not recorded')}; at its build train {m['train_exact']}, held-out "
+                      f"{m['heldout_exact']} (guidance {m['guidance_scale']}).", ""]
     for name, r in results["rules"].items():
         cells = []
         for split in SPLITS:

@@ -27,7 +27,13 @@ from rollout.models.loading import load_flow_model  # noqa: E402
 from rollout.sampling.loop import RolloutSampler  # noqa: E402
 from rollout.sampling.trajectory import SamplerSettings  # noqa: E402
 from rollout.shapes import data as shapes_data  # noqa: E402
-from rollout.shapes.base_model import T5_LENGTH, Settings, build_shapes_base, quick_settings  # noqa: E402
+from rollout.shapes.base_model import (  # noqa: E402
+    T5_LENGTH,
+    BaseModelTooWeak,
+    Settings,
+    build_shapes_base,
+    quick_settings,
+)
 
 
 def evaluate(path: Path, s: Settings, reconstructions: np.ndarray, captions: list[str], metadata: list[dict]) -> dict:
@@ -54,9 +60,24 @@ def evaluate(path: Path, s: Settings, reconstructions: np.ndarray, captions: lis
     return {"guidance_scale": best, **by_guidance[str(best)], "by_guidance": by_guidance, "vae_exact": vae_exact}
 
 
+def validate(path: Path, s: Settings) -> float:
+    """Exact accuracy of `validation_samples` 10-step ODE samples of the training combos without CFG (as
+    cluster/micro.yaml samples), seeds apart from the evaluation's: the builder's stopping test."""
+    model = load_flow_model(str(path), "sd3", max_sequence_length=T5_LENGTH)
+    settings = SamplerSettings(kind="ode", noise_level=0.0, log_prob_form="gaussian", guidance_scale=1.0, height=64,
+                               width=64, num_steps=s.eval_steps, samples_per_forward=64, trained_steps=1)
+    items = shapes_data.shapes_prompts("train")
+    chosen = [items[i % len(items)] for i in range(s.validation_samples)]
+    seeds = [7_000_001 * (s.seed + 1) + i for i in range(len(chosen))]
+    images = RolloutSampler(model, settings, run_seed=s.seed).sample_eval([p.prompt for p in chosen], seeds,
+                                                                          num_steps=s.eval_steps, batch_size=64)
+    scored = ShapesScorer()(images, [p.prompt for p in chosen], [p.metadata for p in chosen])
+    return float(scored.metrics["shapes_exact"].mean())
+
+
 def shapes_base(out_dir: Path | str, settings: Settings = Settings(), *, overwrite: bool = False) -> dict:
-    """The base model at `out_dir`, built and scored (or found cached); returns its marker."""
-    return build_shapes_base(out_dir, settings, evaluate=evaluate, overwrite=overwrite)
+    """The base model at `out_dir`, built until it validates and scored (or found cached); returns its marker."""
+    return build_shapes_base(out_dir, settings, evaluate=evaluate, validate=validate, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,14 +95,15 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     try:
         marker = shapes_base(args.out, settings, overwrite=args.overwrite)
-    except FileExistsError as err:
+    except (FileExistsError, BaseModelTooWeak) as err:
         parser.exit(2, f"error: {err}\n")
     print(f"shapes base model at {args.out.absolute()} ({time.perf_counter() - start:.1f} s this call; "
           f"built in {marker['total_s']:.0f} s)")
     for guidance, found in marker["by_guidance"].items():
         print(f"  exact accuracy, 10-step ODE, guidance {guidance}: train {found['train_exact']:.3f}, "
               f"held-out {found['heldout_exact']:.3f}")
-    print(f"  recommended guidance {marker['guidance_scale']}; VAE reconstructions {marker['vae_exact']:.3f} exact")
+    print(f"  recommended guidance {marker['guidance_scale']}; VAE reconstructions {marker['vae_exact']:.3f} exact; "
+          f"validations (iteration, train exact without CFG): {marker['validations']}")
 
 
 if __name__ == "__main__":

@@ -106,3 +106,33 @@ def test_folding_the_latent_normalisation_keeps_decoding_and_whitens_the_latents
         torch.testing.assert_close(normalised.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-5, rtol=0)
         torch.testing.assert_close(vae.decode(normalised).sample, reference, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(base_model.latent_means(vae, pixels), normalised, atol=1e-4, rtol=1e-4)
+
+
+def test_the_build_validates_and_records_what_it_reached(built):
+    _, marker = built
+    assert [iteration for iteration, _ in marker["validations"]] == [3]  # quick: after its 3 iterations, no target
+    assert 0.0 <= marker["validations"][0][1] <= 1.0
+
+
+def test_training_goes_on_until_the_validation_reaches_the_target(tmp_path, one_thread):
+    import dataclasses
+
+    scripted = iter([0.1, 0.2, 0.5, 0.9])  # what the validations report, in order
+
+    def validate(path, s):
+        assert (path / "transformer" / "config.json").is_file()  # it validates a saved, loadable folder
+        return next(scripted)
+
+    settings = dataclasses.replace(quick_settings(0), target_train_exact=0.45, check_every=2, max_iterations=20)
+    marker = base_model.build_shapes_base(tmp_path / "base", settings, evaluate=load_bench("shapes_base").evaluate,
+                                          validate=validate)
+    assert marker["validations"] == [[3, 0.1], [5, 0.2], [7, 0.5]]
+
+
+def test_a_model_below_the_target_is_refused_and_nothing_is_saved(tmp_path, one_thread):
+    import dataclasses
+
+    settings = dataclasses.replace(quick_settings(0), target_train_exact=1.01, check_every=2, max_iterations=5)
+    with pytest.raises(base_model.BaseModelTooWeak, match=r"after 5 iterations .*below the target 1.01"):
+        build_shapes_base(tmp_path / "base", settings)
+    assert list(tmp_path.iterdir()) == []  # no model folder, no temporary one

@@ -18,10 +18,14 @@ deterministically from the seed (for a given torch thread count):
   that sampling visits) on the 12 train combos only, with 10% of the captions dropped to "" so that classifier-free
   guidance works; the saved weights are an EMA of the training weights.
 
-At the end the caller's `evaluate` scores the finished folder and VAE reconstructions of training images (the bench
-scores 10-step ODE samples with the `shapes` reward); what it returns goes into `shapes_base.json` next to the
-settings, seed and wall times. The folder is built next to DIR and renamed into place; a second call with the same
-settings returns at once.
+Training runs its planned `iterations`, then the caller's `validate` scores the EMA model (the bench: exact accuracy
+of 10-step ODE samples of the training combos, without CFG); below `target_train_exact` it trains on at the final
+learning rate, validating every `check_every` iterations, up to `max_iterations`. A model that never reaches the
+target is not saved: BaseModelTooWeak says what it reached. (Floating-point results differ between CPUs and thread
+counts, so two machines do not build the same weights; the target makes them equally good.) At the end the caller's
+`evaluate` scores the finished folder and VAE reconstructions of training images; what it returns goes into
+`shapes_base.json` next to the settings, seed, the validations and wall times. The folder is built next to DIR and
+renamed into place; a second call with the same settings returns at once.
 """
 
 from __future__ import annotations
@@ -79,12 +83,21 @@ class Settings:
     eval_samples: int = 256
     eval_steps: int = 10
     guidance_scales: tuple[float, ...] = (1.0, 2.0)
+    target_train_exact: float = 0.40  # validated without CFG, as cluster/micro.yaml samples
+    validation_samples: int = 192
+    check_every: int = 400
+    max_iterations: int = 8000
 
 
 def quick_settings(seed: int = 0) -> Settings:
-    """A few iterations of everything: a loadable (untrained) model in seconds, for tests."""
+    """A few iterations of everything: a loadable (untrained) model in seconds, for tests; no accuracy target."""
     return Settings(seed=seed, num_images=32, vae_iterations=2, vae_batch=8, iterations=3, batch=8, warmup=1,
-                    eval_samples=8, guidance_scales=(1.0,))
+                    eval_samples=8, guidance_scales=(1.0,), target_train_exact=0.0, validation_samples=8,
+                    check_every=2, max_iterations=3)
+
+
+class BaseModelTooWeak(RuntimeError):
+    """The base model did not reach its validation target within max_iterations; nothing was saved."""
 
 
 # --------------------------------------------------------------------------- text encoders
@@ -214,22 +227,24 @@ def new_transformer(heads: int) -> SD3Transformer2DModel:
 
 
 def learning_rate(s: Settings, iteration: int) -> float:
-    """Linear warm-up, then cosine decay to a tenth."""
+    """Linear warm-up, then cosine decay to a tenth over `iterations`; a tenth after that."""
     if iteration < s.warmup:
         return s.lr * (iteration + 1) / s.warmup
-    progress = (iteration - s.warmup) / max(1, s.iterations - s.warmup)
+    progress = min(1.0, (iteration - s.warmup) / max(1, s.iterations - s.warmup))
     return s.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
 def train_transformer(transformer: SD3Transformer2DModel, latents: torch.Tensor, caption_ids: torch.Tensor,
-                      embeds, empty: int, s: Settings, generator: torch.Generator) -> tuple[dict, list[float]]:
-    """Rectified flow with shifted logit-normal t; `caption_ids` index `embeds` (row `empty` is ""). Returns the EMA
-    state dict and the loss curve."""
+                      embeds, empty: int, s: Settings, generator: torch.Generator,
+                      good_enough: Callable[[dict, int], bool]) -> tuple[dict, list[float], bool]:
+    """Rectified flow with shifted logit-normal t; `caption_ids` index `embeds` (row `empty` is ""). After
+    `iterations`, and every `check_every` after that up to `max_iterations`, `good_enough(ema, iteration)` decides
+    whether to stop. Returns the EMA state dict, the loss curve and whether it was good enough."""
     transformer.train()
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=s.lr, weight_decay=0.0)
     ema = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
-    losses = []
-    for iteration in tqdm(range(s.iterations), desc="transformer", unit="it", mininterval=5):
+    losses, done = [], False
+    for iteration in tqdm(range(max(s.iterations, s.max_iterations)), desc="transformer", unit="it", mininterval=5):
         rows = torch.randint(len(latents), (s.batch,), generator=generator)
         x0 = latents[rows]
         ids = caption_ids[rows].clone()
@@ -252,8 +267,15 @@ def train_transformer(transformer: SD3Transformer2DModel, latents: torch.Tensor,
             for k, v in transformer.state_dict().items():
                 ema[k].lerp_(v, 1 - decay)
         losses.append(loss.item())
+        trained = iteration + 1
+        if trained >= s.iterations and (trained - s.iterations) % s.check_every == 0 or trained == s.max_iterations:
+            transformer.eval()
+            done = good_enough(ema, trained)
+            transformer.train()
+            if done:
+                break
     transformer.eval()
-    return ema, losses
+    return ema, losses, done
 
 
 # --------------------------------------------------------------------------- the build
@@ -268,12 +290,14 @@ def _marker(path: Path) -> dict | None:
 
 # evaluate(folder, settings, reconstructions uint8 (N, 64, 64, 3), their captions, their metadata) -> marker entries
 Evaluate = Callable[[Path, "Settings", np.ndarray, list[str], list[dict]], dict]
+# validate(folder, settings) -> exact accuracy on the training combos
+Validate = Callable[[Path, "Settings"], float]
 
 
 def build_shapes_base(out_dir: Path | str, settings: Settings = Settings(), *, evaluate: Evaluate,
-                      overwrite: bool = False) -> dict:
-    """Build (or find cached) the shapes base model at `out_dir`; returns its marker (settings, `evaluate`'s figures,
-    times)."""
+                      validate: Validate, overwrite: bool = False) -> dict:
+    """Build (or find cached) the shapes base model at `out_dir`; returns its marker (settings, validations,
+    `evaluate`'s figures, times). BaseModelTooWeak when validation stays below the target."""
     out_dir = Path(out_dir).absolute()
     wanted = json.loads(json.dumps({"format": FORMAT, **dataclasses.asdict(settings)}))  # as the marker stores it
     found = _marker(out_dir)
@@ -302,10 +326,6 @@ def build_shapes_base(out_dir: Path | str, settings: Settings = Settings(), *, e
 
     with seeded(s.seed, 5):
         transformer = new_transformer(s.heads)
-    ema, losses = train_transformer(transformer, latents, caption_ids, embeds, len(prompts), s, generator)
-    transformer.load_state_dict(ema)
-    times["transformer_s"] = time.perf_counter() - start - times["data_s"] - times["vae_s"]
-
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, vae=vae,
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS["sd3"]),
@@ -313,7 +333,31 @@ def build_shapes_base(out_dir: Path | str, settings: Settings = Settings(), *, e
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    validations: list[list] = []  # [iteration, train exact accuracy]
+
+    def good_enough(ema: dict, iteration: int) -> bool:
+        """Save the EMA model to the temporary folder and validate it there."""
+        training = {k: v.detach().clone() for k, v in transformer.state_dict().items()}
+        transformer.load_state_dict(ema)
+        pipe.save_pretrained(tmp)
+        transformer.load_state_dict(training)
+        validations.append([iteration, round(validate(tmp, s), 4)])
+        print(f"iteration {iteration}: train exact accuracy {validations[-1][1]:.3f} "
+              f"(target {s.target_train_exact})", flush=True)
+        return validations[-1][1] >= s.target_train_exact
+
     try:
+        ema, losses, reached = train_transformer(transformer, latents, caption_ids, embeds, len(prompts), s,
+                                                 generator, good_enough)
+        if not reached:
+            best = max(validations, key=lambda v: v[1])
+            raise BaseModelTooWeak(
+                f"the shapes base model reached train exact accuracy {validations[-1][1]:.3f} after "
+                f"{validations[-1][0]} iterations (best {best[1]:.3f} at {best[0]}), below the target "
+                f"{s.target_train_exact} within max_iterations = {s.max_iterations}: not saved. Build with another "
+                f"--seed, or raise max_iterations")
+        transformer.load_state_dict(ema)
+        times["transformer_s"] = time.perf_counter() - start - times["data_s"] - times["vae_s"]
         pipe.save_pretrained(tmp)
         evaluation_start = time.perf_counter()
         figures = evaluate(tmp, s, reconstructions, captions[:256], metadata[:256])
@@ -322,6 +366,7 @@ def build_shapes_base(out_dir: Path | str, settings: Settings = Settings(), *, e
         marker = {
             "settings": wanted,
             "job_config": {"model.family": "sd3", "model.resolution": 64, "model.max_sequence_length": T5_LENGTH},
+            "validations": validations,
             **figures,
             "vae_loss_last50": float(np.mean(vae_losses[-50:])),
             "loss_last100": float(np.mean(losses[-100:])),
