@@ -24,7 +24,7 @@ from learner.grpo import advantages as grpo_advantages
 from rollout.models.contract import FlowModel, PromptEmbeds
 from rollout.sampling.forward import score_step
 from rollout.sampling.steps import StepOutput
-from rollout.sampling.trajectory import SamplerSettings, Trajectories
+from rollout.sampling.trajectory import FinalSamples, SamplerSettings, Trajectories
 
 SampleRef = tuple[int, int]  # (position of the group in the sorted batch, sample index within the group)
 
@@ -162,6 +162,17 @@ class MicroBatch:
         return self.old_log_probs.shape[1]
 
 
+def samples_embeds(groups: Sequence[Trajectories | FinalSamples], samples: Sequence[SampleRef]) -> PromptEmbeds:
+    """The prompt embeddings of a micro-batch: the group's one row when all samples share a group, else one row per
+    sample."""
+    if not samples:
+        raise ValueError("a micro-batch needs at least one sample")
+    positions = {g for g, _ in samples}
+    if len(positions) == 1:
+        return groups[positions.pop()].prompt_embeds
+    return PromptEmbeds.cat([groups[g].prompt_embeds for g, _ in samples])
+
+
 def micro_batch(
     groups: Sequence[Trajectories],
     samples: Sequence[SampleRef],
@@ -169,13 +180,8 @@ def micro_batch(
     device: torch.device | str = "cpu",
 ) -> MicroBatch:
     """Gather the samples' recorded tensors (and their advantages, aligned with `samples`) into one MicroBatch."""
-    if not samples:
-        raise ValueError("a micro-batch needs at least one sample")
+    embeds = samples_embeds(groups, samples)
     positions = sorted({g for g, _ in samples})
-    if len(positions) == 1:
-        embeds = groups[positions[0]].prompt_embeds
-    else:
-        embeds = PromptEmbeds.cat([groups[g].prompt_embeds for g, _ in samples])
 
     def stack(name: str) -> torch.Tensor:
         return torch.stack([getattr(groups[g], name)[i] for g, i in samples]).to(device)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from cluster.config import LearnerConfig
-from learner.batch import SampleRef
+from learner.batch import SampleRef, samples_embeds
 from learner.forward_objectives import (
     awm_loss,
     awm_timestep_indices,
@@ -45,21 +45,16 @@ class FinalBatch:
 def final_micro_batch(groups: Sequence[FinalSamples], samples: Sequence[SampleRef], advantages: torch.Tensor,
                       device: torch.device | str = "cpu") -> FinalBatch:
     """Gather the samples' final latents (and their advantages, aligned with `samples`) into one FinalBatch."""
-    if not samples:
-        raise ValueError("a micro-batch needs at least one sample")
-    positions = sorted({g for g, _ in samples})
-    if len(positions) == 1:
-        embeds = groups[positions[0]].prompt_embeds
-    else:
-        embeds = PromptEmbeds.cat([groups[g].prompt_embeds for g, _ in samples])
+    embeds = samples_embeds(groups, samples)
+    first = groups[samples[0][0]]
     return FinalBatch(
         samples=tuple(samples),
         keys=tuple((groups[g].group_id, i) for g, i in samples),
         x0=torch.stack([groups[g].latents[i] for g, i in samples]).to(device),
         advantages=advantages.to(device=device, dtype=torch.float32),
         embeds=embeds.to(device),
-        sigmas=groups[positions[0]].sigmas,
-        settings=groups[positions[0]].settings,
+        sigmas=first.sigmas,
+        settings=first.settings,
     )
 
 

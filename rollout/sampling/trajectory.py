@@ -73,8 +73,29 @@ class SamplerSettings:
         return [range(start, min(start + size, group_size)) for start in range(0, group_size, size)]
 
 
+def _check_tensors(record: str, expected: dict[str, tuple[torch.Tensor, torch.dtype, tuple[int, ...]]]) -> None:
+    """ValueError naming the first field whose tensor is not of its (dtype, shape)."""
+    for name, (tensor, dtype, shape) in expected.items():
+        if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"{record}.{name} must be {dtype} of shape {shape}, got {tensor.dtype} "
+                             f"{tuple(tensor.shape)}")
+
+
 @dataclass(frozen=True)
-class Trajectories:
+class GroupRecord:
+    """What every rollout of one prompt group carries: its id, prompt, metadata, seeds, the policy version that
+    sampled it and the prompt's embeddings (one row, CPU)."""
+
+    group_id: int
+    prompt: str
+    metadata: dict = field(hash=False)
+    seeds: tuple[int, ...]
+    policy_version: int
+    prompt_embeds: PromptEmbeds
+
+
+@dataclass(frozen=True)
+class Trajectories(GroupRecord):
     """G trajectories of one prompt: K recorded (trained) steps each, and the final images.
 
     Shapes: states / next_states float32 (G, K, *latent), log_probs float32 (G, K), step_indices long (K,) (the
@@ -85,12 +106,6 @@ class Trajectories:
     each record.
     """
 
-    group_id: int
-    prompt: str
-    metadata: dict = field(hash=False)
-    seeds: tuple[int, ...]
-    policy_version: int
-    prompt_embeds: PromptEmbeds
     states: torch.Tensor
     next_states: torch.Tensor
     log_probs: torch.Tensor
@@ -114,11 +129,7 @@ class Trajectories:
             if self.means is None:
                 raise ValueError("Trajectories.means is required when settings.record_means (GRPO-Guard)")
             expected["means"] = (self.means, torch.float32, tuple(self.states.shape))
-        for name, (tensor, dtype, shape) in expected.items():
-            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-                raise ValueError(
-                    f"Trajectories.{name} must be {dtype} of shape {shape}, got {tensor.dtype} {tuple(tensor.shape)}"
-                )
+        _check_tensors("Trajectories", expected)
         if len(self.seeds) != g:
             raise ValueError(f"Trajectories has {g} samples but {len(self.seeds)} seeds")
         if len(self.prompt_embeds) != 1:
@@ -138,19 +149,13 @@ class Trajectories:
 
 
 @dataclass(frozen=True)
-class FinalSamples:
+class FinalSamples(GroupRecord):
     """G final samples of one prompt, for the forward-process objectives (nft, awm): no per-step record, no log-prob.
 
     latents float32 (G, *latent): the clean samples x0 the rollout ended at; sigmas float32 (N + 1,): the schedule
     whose noise levels the learner trains at; images uint8 (G, H, W, 3); `prompt_embeds` one row (CPU).
     """
 
-    group_id: int
-    prompt: str
-    metadata: dict = field(hash=False)
-    seeds: tuple[int, ...]
-    policy_version: int
-    prompt_embeds: PromptEmbeds
     latents: torch.Tensor
     sigmas: torch.Tensor
     images: torch.Tensor
@@ -163,11 +168,7 @@ class FinalSamples:
             "sigmas": (self.sigmas, torch.float32, (self.settings.num_steps + 1,)),
             "images": (self.images, torch.uint8, (g, self.settings.height, self.settings.width, 3)),
         }
-        for name, (tensor, dtype, shape) in expected.items():
-            if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-                raise ValueError(
-                    f"FinalSamples.{name} must be {dtype} of shape {shape}, got {tensor.dtype} {tuple(tensor.shape)}"
-                )
+        _check_tensors("FinalSamples", expected)
         if len(self.prompt_embeds) != 1:
             raise ValueError(f"FinalSamples.prompt_embeds must hold one row, got {len(self.prompt_embeds)}")
 
