@@ -1,6 +1,11 @@
-"""How much of one GRPO gradient of the micro config is signal: per-group policy gradients, their mean and spread.
+"""How much of one gradient of the micro config is signal: per-group policy gradients, their mean and spread.
 
     .venv/bin/python bench/micro_snr.py [--groups 72] [--checkpoint DIR ...] [--set key=value ...]
+
+Any objective and sampler option the config takes: e.g. `--set sampler.antithetic=true` for antithetic window noise,
+or `--set learner.objective=nft --set sampler.kind=ode --set sampler.fast_window=null --set
+sampler.same_initial_noise=false` for DiffusionNFT (AWM alike), whose gradient is taken at the rollout policy (the old
+or prox adapter equal to θ).
 
 Samples J groups (cluster/micro.yaml's sampler, training prompts, distinct seeds) from the base model and from each
 checkpoint, scores them with the `shapes` reward, takes the learner's advantages and loss, and computes each group's
@@ -25,11 +30,13 @@ sys.path.insert(0, str(ROOT))
 
 from cluster.config_loading import load_config  # noqa: E402
 from learner.batch import batch_advantages, micro_batch, score_recorded_step  # noqa: E402
+from learner.forward_batch import final_micro_batch, forward_step_loss, noised_inputs  # noqa: E402
 from learner.checkpoint import load_tree  # noqa: E402
 from learner.loss import log_prob_scale, step_loss  # noqa: E402
 from rewards.shapes import ShapesScorer  # noqa: E402
 from rollout.models.loading import load_flow_model  # noqa: E402
 from rollout.prompts.groups import PromptGroup  # noqa: E402
+from rollout.sampling.forward import guided_velocity  # noqa: E402
 from rollout.sampling.loop import RolloutSampler  # noqa: E402
 from rollout.sampling.trajectory import SamplerSettings  # noqa: E402
 from rollout.shapes import data as shapes_data  # noqa: E402
@@ -52,15 +59,24 @@ def group_gradients(cfg, model, params: list[torch.Tensor], groups: int) -> tupl
         rewards.append(torch.as_tensor(scored.scores, dtype=torch.float64))
     lc = cfg.learner
     adv, stats = batch_advantages(trajectories, rewards, std=lc.advantage_std, clip=lc.advantage_clip)
-    scale = log_prob_scale(lc.log_prob_reduction, trajectories[0].states[0, 0].numel())  # as the learner does
     grads = []
     for j, traj in enumerate(trajectories):
-        mb = micro_batch([traj], [(0, i) for i in range(size)], adv[j * size:(j + 1) * size])
+        samples, group_adv = [(0, i) for i in range(size)], adv[j * size:(j + 1) * size]
         for p in params:
             p.grad = None
-        for k in range(mb.num_steps):
-            scored = score_recorded_step(model, mb, k, None)
-            step_loss(scored, mb, k, clip_range=lc.clip_range, beta=0.0, log_prob_scale=scale).loss.backward()
+        if lc.objective == "grpo":
+            scale = log_prob_scale(lc.log_prob_reduction, traj.states[0, 0].numel())  # as the learner does
+            mb = micro_batch([traj], samples, group_adv)
+            for k in range(mb.num_steps):
+                scored = score_recorded_step(model, mb, k, None)
+                step_loss(scored, mb, k, clip_range=lc.clip_range, beta=0.0, log_prob_scale=scale,
+                          ratio_norm=lc.ratio_norm).loss.backward()
+        else:  # nft / awm at the rollout policy: the old / prox adapter is θ
+            fb = final_micro_batch([traj], samples, group_adv)
+            for t, x_t, v in noised_inputs(fb, lc.objective, cfg.trained_steps, cfg.seed, 0):
+                v_theta = guided_velocity(model, x_t, t, fb.embeds, None, fb.settings)
+                forward_step_loss(lc.model_copy(update={"beta": 0.0}), fb, t, x_t, v, v_theta, v_theta.detach(),
+                                  None).loss.backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in params]).double())
         print(f"\r  group {j + 1}/{groups}", end="", flush=True)
     print()
@@ -113,9 +129,10 @@ def main() -> None:
         rows.append((name, stats, signal_to_noise(g, batch_groups)))
         print(f"  reward {stats['reward_mean']:.3f}, SNR at {batch_groups} groups {rows[-1][2]['snr']:.3f}", flush=True)
 
-    print(f"\n{cfg.sampler.kind}, noise {cfg.sampler.noise_level}, window {cfg.sampler.fast_window.size}, "
-          f"{cfg.learner.log_prob_reduction} log-prob; batch {batch_groups} groups of {cfg.data.group_size}; "
-          f"{args.groups} groups per model\n")
+    window = cfg.sampler.fast_window.size if cfg.sampler.fast_window else None
+    print(f"\n{cfg.learner.objective}, {cfg.sampler.kind}, noise {cfg.sampler.noise_level}, window {window}, "
+          f"antithetic {cfg.sampler.antithetic}, {cfg.learner.log_prob_reduction} log-prob; batch {batch_groups} "
+          f"groups of {cfg.data.group_size}; {args.groups} groups per model\n")
     print(f"| model | reward | zero-std groups | |μ|² ± SE | tr Σ (one group) | SNR at {batch_groups} groups "
           f"(at most) | cosine of two batches | groups for SNR 1 (at least) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from tests.bench_helpers import load_bench
@@ -50,3 +51,30 @@ def test_no_signal_reads_as_no_batch_reaching_snr_one():
     g = torch.cat([g, -g])  # the mean is exactly 0, so the unbiased |μ|² is negative
     r = micro_snr.signal_to_noise(g, batch_groups=8)
     assert r["mu2"] < 0 and r["groups_for_snr1"] == math.inf and math.isnan(r["cosine"])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["sampler.antithetic=true", "sampler.fast_window.size=2"],
+    ["learner.objective=nft", "sampler.kind=ode", "sampler.fast_window=null", "sampler.same_initial_noise=false"],
+    ["learner.objective=awm", "sampler.kind=ode", "sampler.fast_window=null", "sampler.same_initial_noise=false"],
+], ids=["grpo-antithetic", "nft", "awm"])
+def test_per_group_gradients_of_each_objective_on_a_quick_base_model(tmp_path, overrides, one_thread):
+    from cluster.config_loading import load_config
+    from rollout.models.loading import load_flow_model
+    from rollout.shapes.base_model import quick_settings
+    from rollout.weights import add_lora
+
+    load_bench("shapes_base").shapes_base(tmp_path / "base", quick_settings())
+    cfg = load_config(micro_snr.CONFIG, [f"model.path={tmp_path / 'base'}", "data.group_size=4",
+                                         "data.images_per_iteration=16", "learner.micro_batch_size=4",
+                                         "sampler.num_steps=4", *overrides])
+    model = load_flow_model(cfg.model.path, "sd3", max_sequence_length=cfg.model.max_sequence_length)
+    torch.manual_seed(0)
+    add_lora(model.transformer, cfg.learner.lora)
+    for name, p in model.transformer.named_parameters():  # B ≠ 0, so that every LoRA tensor gets a gradient
+        if p.requires_grad and "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    params = [p for p in model.transformer.parameters() if p.requires_grad]
+    g, stats = micro_snr.group_gradients(cfg, model, params, groups=4)
+    assert g.shape == (4, sum(p.numel() for p in params)) and torch.isfinite(g).all()
+    assert (g.norm(dim=1) > 0).any() or stats["zero_std_group_frac"] == 1.0  # a group with no reward spread: 0
