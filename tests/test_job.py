@@ -186,13 +186,14 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_tiny_job(tmp_path):
     temp_dir = Path("/tmp") / f"flowrl-ray-{os.getpid()}-{int(time.time())}"  # short: Ray's socket paths are limited
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     env = job_env()
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
     ray_bin = str(VENV_BIN / "ray")
     try:
         subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                        f"--dashboard-agent-listen-port={agent}",  # Ray's default 52365 may be another Ray's
                         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
                        env=env, check=True, capture_output=True, text=True, timeout=120)
         out = tmp_path / "out"

@@ -239,12 +239,12 @@ def test_zero3_with_true_cfg_recomputes_exactly_and_publishes_the_gathered_lora(
         initial = ray_local.get(group.run("trainable_state"))[0]
         result = _train(ray_local, group, (groups, [torch.tensor([0.0, 1.0, 0.5, 0.2])]), 1)[0]
         version, refs, metas = ray_local.get(store.latest.remote())
+        published = fetch_state((refs, metas))  # while its owner, the learner rank, lives
     finally:
         group.kill()
+        ray_local.kill(store)
     update = result["updates"][0]
     assert update["ratio_max_dev"] == 0.0 and update["kl"] == 0.0 and update["step_applied"] == 1.0
-    published = fetch_state((refs, metas))
-    ray_local.kill(store)
     assert version == 1 and published.keys() == initial.keys()
     assert all(torch.equal(published[k], result["weights"][k]) for k in published)
     assert any(not torch.equal(initial[k], published[k]) for k in initial)
