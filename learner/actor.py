@@ -8,11 +8,10 @@ The driver builds the group and calls, on all ranks at once:
     ray.get(group.run("setup", cfg, negative=negative_embeds, store=weight_store(cfg.run_name)))
     metrics = ray.get(group.run("train_iteration", groups_ref, rewards_ref))[0]
 
-Gradient accumulation: see learner/engine.py.
-
-Weights out: after an iteration's updates rank 0 publishes the policy state (peft LoRA keys, or the full state dict)
-to the WeightStore in buckets of at most learner.publish_bucket_mb, version = optimizer updates applied so far; under
-ZeRO-3 every rank takes part in gathering each bucket. The EMA (rank 0, CPU float32) has the same keys. The recorded
+Gradient accumulation: learner/engine.py; the nft and awm objectives: learner/forward_training.py. Weights out: after
+an iteration's updates rank 0 publishes the policy state (peft LoRA keys, or the full state dict; for nft the old
+adapter) to the WeightStore in buckets of at most learner.publish_bucket_mb, version = optimizer updates applied so
+far; under ZeRO-3 every rank takes part in gathering each bucket. The EMA (rank 0, CPU float32) has the same keys. The recorded
 log-probs are reproduced exactly only when the learner computes as the rollout did: `learner.precision` matching
 `model.dtype`, and `lora.dropout` 0 (the module then stays in eval mode, as for sampling).
 """
@@ -123,10 +122,11 @@ class LearnerActor(ForwardTraining, DistributedActor):
             self.metrics.zero("weight_sync_bytes_total")
         self.optimizer_steps = 0  # applied optimizer updates = the policy version
         self.iterations = 0
-        initial = self._policy_state(everyone=lc.objective != "grpo")
+        forward = lc.objective != "grpo"
+        initial = self._policy_state(everyone=forward)
         self.ema = Ema(initial) if lc.ema.enabled and self.rank == 0 else None
         # nft: the old (sampling) adapter; awm: the prox adapter. Starts at θ, follows it by soft updates.
-        self.second = {k: v.to(self.device) for k, v in initial.items()} if lc.objective != "grpo" else None
+        self.second = {k: v.to(self.device, copy=True) for k, v in initial.items()} if forward else None
         return {
             "rank": self.rank,
             "world_size": self.world_size,
