@@ -86,7 +86,7 @@ class Settings:
     target_train_exact: float = 0.40  # validated without CFG, as cluster/micro.yaml samples
     validation_samples: int = 192
     check_every: int = 400
-    max_iterations: int = 8000
+    max_iterations: int = 16000
 
 
 def quick_settings(seed: int = 0) -> Settings:
