@@ -70,36 +70,40 @@ class Job:
         lc = cfg.learner
         self.events = Events(say)
         self.commands = Commands(cfg.run_name, cfg.ray.namespace, say)  # a second job of this name stops here
-        with tqdm(total=4, desc="starting", unit="step", leave=False, disable=None) as bar:
-            bar.set_postfix_str("placement")
-            pools = reserve_pools(cfg, actor_classes)  # every pool placed before any model loads
-            try:
-                if joins_cluster(cfg.ray):  # the files the actors read, checked on their nodes
-                    for line in check_where_placed(cfg, pools):
-                        say(line)
-                else:
-                    locate_configured(cfg.model)
-            except BaseException:
-                for pool in pools.values():
-                    pool.shutdown()
-                raise
-            bar.update(1)
-            bar.set_postfix_str("rollout actors")
-            store_key = f"{cfg.run_name}-{uuid.uuid4().hex[:8]}"  # two jobs on one cluster never share a store
-            self.store = weight_store(store_key)
-            self.pool = RolloutPool(cfg, weight_store_name(store_key), actors=pools["rollout"],
-                                    report=self.events.report)
-            negative = self.pool.negative_embeds()
-            bar.update(1)
-            bar.set_postfix_str("reward actors")
-            self.rewards = RewardService(cfg.rewards, metrics=cfg.metrics.enabled, report=self.events.report,
-                                         pools={s.name: pools[f"rewards/{s.name}"] for s in cfg.rewards.scorers})
-            bar.update(1)
-            bar.set_postfix_str("learner")
-            self.learner = ActorGroup(LearnerActor, lc, actors=pools["learner"])
-            info = self.learner_get(self.learner.run("setup", cfg, negative, self.store))[0]
-            self.learner_nodes = [node[:8] for node in self.learner_get(self.learner.run("node"))]
-            bar.update(1)
+        try:  # a start that fails leaves no control actor behind to refuse the next job of this name
+            with tqdm(total=4, desc="starting", unit="step", leave=False, disable=None) as bar:
+                bar.set_postfix_str("placement")
+                pools = reserve_pools(cfg, actor_classes)  # every pool placed before any model loads
+                try:
+                    if joins_cluster(cfg.ray):  # the files the actors read, checked on their nodes
+                        for line in check_where_placed(cfg, pools):
+                            say(line)
+                    else:
+                        locate_configured(cfg.model)
+                except BaseException:
+                    for pool in pools.values():
+                        pool.shutdown()
+                    raise
+                bar.update(1)
+                bar.set_postfix_str("rollout actors")
+                store_key = f"{cfg.run_name}-{uuid.uuid4().hex[:8]}"  # two jobs on one cluster never share a store
+                self.store = weight_store(store_key)
+                self.pool = RolloutPool(cfg, weight_store_name(store_key), actors=pools["rollout"],
+                                        report=self.events.report)
+                negative = self.pool.negative_embeds()
+                bar.update(1)
+                bar.set_postfix_str("reward actors")
+                self.rewards = RewardService(cfg.rewards, metrics=cfg.metrics.enabled, report=self.events.report,
+                                             pools={s.name: pools[f"rewards/{s.name}"] for s in cfg.rewards.scorers})
+                bar.update(1)
+                bar.set_postfix_str("learner")
+                self.learner = ActorGroup(LearnerActor, lc, actors=pools["learner"])
+                info = self.learner_get(self.learner.run("setup", cfg, negative, self.store))[0]
+                self.learner_nodes = [node[:8] for node in self.learner_get(self.learner.run("node"))]
+                bar.update(1)
+        except BaseException:
+            self.commands.close()
+            raise
         scorer_actors = sum(cfg.rewards.pool_of(s).num_actors for s in cfg.rewards.scorers)
         say(f"actors up in {time.perf_counter() - started:.1f} s: {self.pool.num_workers} rollout, "
             f"{scorer_actors} reward, {lc.num_actors} learner "
