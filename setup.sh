@@ -10,7 +10,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing the tested versions into .venv (about 2 minutes on a fresh machine)"
   # torch first and pinned: letting a dependency pick it pulls a multi-GB CUDA build.
   .venv/bin/pip install -q -c constraints.txt torch==2.13.0
-  .venv/bin/pip install -q -c constraints.txt -e '.[test]'
+  .venv/bin/pip install -q -c constraints.txt -e '.[test,wandb]'
   echo "$want" > "$stamp"
 fi
 # Sample photos for the GenEval detector tests (Debian's darknet package); skipped with a message without apt-get.

@@ -19,6 +19,8 @@ TRAINABLE_KINDS = tuple(kind for kind in STEP_KINDS if kind != "ode")
 GUARD_KINDS = ("sde", "sde_exact")  # the rules GRPO-Guard normalises (MATH.md "GRPO-Guard")
 LOG_PROB_FORMS = ("gaussian", "squared")
 OBJECTIVES = ("grpo", "nft", "awm")  # MATH.md "GRPO" and "Forward-process objectives"
+LR_SCHEDULES = ("constant", "linear", "cosine")  # learner/lr_schedule.py
+LOGGING_BACKENDS = ("tensorboard", "wandb")  # learner/tracking.py
 FILE_SOURCES = ("text", "geneval_jsonl")  # prompt sources read from `path`
 EVAL_SOURCES = ("builtin", *FILE_SOURCES, "shapes_train", "shapes_heldout", "shapes_all")
 DATA_SOURCES = (*EVAL_SOURCES, "geneval_generate")  # training prompts may also be generated
@@ -177,6 +179,9 @@ class LearnerConfig(PoolConfig):
     finetune: Literal["lora", "full"] = "lora"
     lora: Optional[LoraConfig] = None
     lr: float = Field(3e-4, gt=0.0)
+    lr_schedule: Literal[LR_SCHEDULES] = Field("constant", description="after the warm-up: constant, or linear / "
+                                               "cosine decay to 0 at the job's last update")
+    lr_warmup_updates: int = Field(0, ge=0, description="optimizer updates of linear warm-up, lr·(k+1)/W")
     weight_decay: float = Field(1e-4, ge=0.0)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = Field(1e-8, gt=0.0)
@@ -219,6 +224,8 @@ class DataConfig(Section):
 
 class EvalConfig(Section):
     every_n_iterations: int = Field(0, ge=0, description="0: no evaluation")
+    at_start: bool = Field(True, description="when evaluation is on, also evaluate the starting weights (iteration 0) "
+                           "before the first iteration of a fresh run")
     num_steps: int = Field(28, ge=2, description="ODE steps of an evaluation image")
     source: Literal[EVAL_SOURCES] = "builtin"
     path: Optional[str] = None
@@ -242,6 +249,24 @@ class MetricsConfig(Section):
     enabled: bool = True
     port: int = Field(9400, ge=0, le=65535, description="metrics port of a local Ray's node (on ray.host); 0: any "
                       "free port. A joined cluster exports on the ports its nodes were started with")
+
+
+class LoggingConfig(Section):
+    """Experiment trackers the driver writes each iteration to (learner/tracking.py), besides history.jsonl."""
+
+    backends: list[Literal[LOGGING_BACKENDS]] = Field(default_factory=list, description="tensorboard (event files "
+                                                      "in output_dir/tensorboard) and/or wandb (the optional extra)")
+    wandb_project: str = "flowrl"
+    wandb_entity: Optional[str] = None
+    wandb_mode: Literal["online", "offline"] = Field("online", description="offline: files in output_dir/wandb, "
+                                                     "uploaded later with `wandb sync`")
+
+    @field_validator("backends")
+    @classmethod
+    def _once_each(cls, backends: list[str]) -> list[str]:
+        if len(set(backends)) != len(backends):
+            raise ValueError(f"each backend once, got {backends}")
+        return backends
 
 
 class RayConfig(Section):
@@ -272,6 +297,7 @@ class JobConfig(Section):
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="before")
@@ -366,6 +392,10 @@ def _cross_field_problems(cfg: JobConfig) -> list[str]:
                  f"({d.images_per_iteration}) must split evenly into updates_per_iteration ({lr.updates_per_iteration})"
                  f" x learner.num_actors ({lr.num_actors}) x micro_batch_size; "
                  f"{d.images_per_iteration} is not a multiple of {per_update}")
+    total_updates = cfg.iterations * lr.updates_per_iteration
+    if lr.lr_warmup_updates >= total_updates:
+        p.append(f"learner.lr_warmup_updates = {lr.lr_warmup_updates}: the warm-up must end before the job's last "
+                 f"update; the job has iterations x updates_per_iteration = {total_updates} updates")
     if d.source in FILE_SOURCES and not d.path:
         p.append(f"data.path = None: source '{d.source}' reads prompts from a file; give its path")
     if cfg.eval.source in FILE_SOURCES and not cfg.eval.path:

@@ -10,6 +10,7 @@ import json
 import os
 
 from cluster.config import JobConfig, RayConfig
+from cluster.quiet import RAY_LOGGING_LEVEL
 
 LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
@@ -40,7 +41,7 @@ def start_ray(cfg: RayConfig, metrics_port: int | None = None) -> str:
 
     if joins_cluster(cfg):
         address = cfg.address or os.environ["RAY_ADDRESS"]
-        ray.init(address=address, namespace=cfg.namespace, log_to_driver=True)
+        ray.init(address=address, namespace=cfg.namespace, log_to_driver=True, logging_level=RAY_LOGGING_LEVEL)
         return f"joined the Ray cluster at {address}"
     if os.environ.get(LOOPBACK_ENV) != "0":
         raise RuntimeError(f"{LOOPBACK_ENV}=0 must be set before `import ray`, or a local Ray listens on every address")
@@ -52,6 +53,7 @@ def start_ray(cfg: RayConfig, metrics_port: int | None = None) -> str:
         _node_ip_address=cfg.host,
         _metrics_export_port=metrics_port or None,
         log_to_driver=True,
+        logging_level=RAY_LOGGING_LEVEL,
     )
     return f"started a local Ray on {cfg.host} (address {context.address_info['gcs_address']})"
 

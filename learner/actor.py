@@ -29,6 +29,7 @@ import torch
 
 from cluster.config import JobConfig
 from cluster.metrics import Recorder
+from cluster.quiet import name_deepspeed_accelerator
 from learner.batch import (
     MicroBatch,
     batch_advantages,
@@ -45,6 +46,7 @@ from learner.forward_batch import final_micro_batch
 from learner.forward_training import ForwardTraining
 from learner.group import DistributedActor
 from learner.grpo import nonzero_advantage_indices
+from learner.lr_schedule import configured_lr
 from learner.loss import UpdateStats, adapter_disabled, log_prob_scale, step_loss
 from rollout.models.contract import FlowModel, PromptEmbeds
 from rollout.models.loading import load_configured
@@ -72,6 +74,7 @@ class LearnerActor(ForwardTraining, DistributedActor):
         `negative`: the empty prompt's embeddings (one row), needed for true CFG (SD3). `store`: the job's
         WeightStore actor; without it nothing is published. Returns a short description of the set-up.
         """
+        name_deepspeed_accelerator()
         import deepspeed
 
         started = time.perf_counter()
@@ -184,6 +187,9 @@ class LearnerActor(ForwardTraining, DistributedActor):
         for update in plan:
             update_started = time.perf_counter()
             stats = UpdateStats()
+            lr = configured_lr(self.optimizer_steps, lc, cfg.iterations)
+            for group in self.engine.optimizer.param_groups:
+                group["lr"] = lr
             for positions in update[self.rank]:
                 refs = [samples[i] for i in positions]
                 if lc.objective != "grpo":
@@ -193,7 +199,7 @@ class LearnerActor(ForwardTraining, DistributedActor):
                 for k in range(mb.num_steps):
                     self._train_step(mb, k, stats, scale)
             trained = adv[[i for share in update for positions in share for i in positions]]
-            updates.append({**self._finish_update(stats), "samples": float(trained.numel()),
+            updates.append({**self._finish_update(stats), "lr": lr, "samples": float(trained.numel()),
                             "advantage_mean": float(trained.mean()),
                             "advantage_std": float(trained.std(correction=0))})
             self.metrics.observe("learner_step_seconds", time.perf_counter() - update_started, rank=self.rank)

@@ -39,7 +39,8 @@ from learner.events import Events
 from learner.group import ActorGroup
 from learner.placement import check_where_placed, reserve_pools
 from learner.preflight import absolute_paths
-from learner.report import Metrics, progress_line, summarise
+from learner.report import Metrics, eval_line, progress_line, summarise
+from learner.tracking import Trackers
 from rewards.service import GroupRewards, RewardError, RewardHandle, RewardService
 from rollout.models.loading import locate_configured
 from rollout.pool import RolloutPool
@@ -134,23 +135,35 @@ class Job:
         self.learner_get(self.learner.run("publish"))
 
     def trim_history(self) -> None:
-        """Drop the history lines of iterations after the checkpoint resumed from (they are trained again), and a
-        line cut short by a killed process."""
-        path = Path(self.cfg.output_dir) / "history.jsonl"
-        if not path.is_file():
-            return
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in lines if _iteration_of(ln) <= self.iteration]
-        if len(kept) < len(lines):
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            tmp.replace(path)
+        """Drop the history and evaluation lines of iterations after the checkpoint resumed from (they are trained
+        again), and a line cut short by a killed process."""
+        for path in (Path(self.cfg.output_dir) / "history.jsonl", Path(self.cfg.output_dir) / "eval" / "results.jsonl"):
+            if not path.is_file():
+                continue
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if _iteration_of(ln) <= self.iteration]
+            if len(kept) < len(lines):
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_text("".join(ln + "\n" for ln in kept))
+                tmp.replace(path)
 
     def run(self) -> list[dict[str, Any]]:
         """Train until `iterations`; return one summary dict per iteration."""
         cfg = self.cfg
-        history = []
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        self.trackers = Trackers(cfg, self.iteration)
+        try:
+            return self._run()
+        finally:
+            self.trackers.close()
+
+    def _run(self) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        history = []
+        if self.iteration == 0 and cfg.eval.every_n_iterations and cfg.eval.at_start:
+            started = time.perf_counter()
+            self.say(f"iter 0/{cfg.iterations} (starting weights) | {eval_line(self.evaluate())} | "
+                     f"eval {time.perf_counter() - started:.1f}s")
         self.pool.submit(self.resumed_groups)  # those a checkpoint had in flight, first
         self.keep_in_flight()
         while self.iteration < cfg.iterations:
@@ -189,6 +202,7 @@ class Job:
                 times["checkpoint"] = time.perf_counter() - started
             times["iteration"] = time.perf_counter() - it_started
             self.say(progress_line(self.iteration, cfg.iterations, summary, times))
+            self.trackers.log_iteration(self.iteration, summary, times, rewards)
             self.metrics.record(summary, times, in_flight=self.pool.pending + len(self.arrived),
                                 requeued_total=self.pool.requeued,
                                 reward_counters=self.rewards.counters,
@@ -336,7 +350,9 @@ class Job:
         """The evaluation of this iteration with the EMA weights (learner/evaluation.py)."""
         # ([ref], meta) of the EMA weights, put in the object store by rank 0: the weights never come through here
         weights = self.learner_get([self.learner.actors[0].packed_ema.remote()])[0]
-        return evaluate(self.cfg, self.pool, self.rewards, weights, self.iteration)
+        result = evaluate(self.cfg, self.pool, self.rewards, weights, self.iteration)
+        self.trackers.log_eval(self.iteration, result)
+        return result
 
     def checkpoint(self) -> Path:
         """Each learner rank writes its own shard (rank 0 also the exported EMA LoRA) into the checkpoint's temporary

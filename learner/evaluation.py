@@ -1,7 +1,9 @@
-"""Evaluation: ODE samples of fixed prompts and seeds, scored by the job's rewards, saved as a PNG grid."""
+"""Evaluation: ODE samples of fixed prompts and seeds, scored by the job's rewards, saved as PNG grids of at most
+PAGE_SIZE images, and appended to output_dir/eval/results.jsonl (one line per evaluation, iteration 0 included)."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -14,10 +16,13 @@ from rewards.service import RewardService
 from rollout.pool import RolloutPool
 from rollout.prompts.sources import eval_prompts
 
+PAGE_SIZE = 64  # images per grid page: 8 x 8
+
 
 def evaluate(cfg: JobConfig, pool: RolloutPool, rewards: RewardService, weights: Any, iteration: int) -> dict[str, Any]:
     """ODE samples of the fixed evaluation prompts and seeds with `weights` ([ref], meta) (the EMA; the policy when
-    None): a PNG grid under output_dir/eval and the mean of each scorer (GenEval per-tag accuracy when it is on)."""
+    None): PNG grid pages under output_dir/eval (`grids`; `grid` the first) and the mean of each scorer (GenEval
+    per-tag accuracy when it is on)."""
     items = eval_prompts(cfg.eval)
     seeds = [cfg.eval.seed + i for i in range(len(items))]
     images = pool.sample_eval([i.prompt for i in items], seeds, weights)
@@ -29,10 +34,21 @@ def evaluate(cfg: JobConfig, pool: RolloutPool, rewards: RewardService, weights:
         acc = scored.metrics["geneval/accuracy"]
         result["geneval_accuracy_by_tag"] = {t: float(np.mean([a for a, tt in zip(acc, tags) if tt == t]))
                                              for t in sorted(set(tags))}
-    path = Path(cfg.output_dir) / "eval" / f"iter-{iteration:06d}.png"
-    save_grid(images, path)
-    result["grid"] = str(path)
+    folder = Path(cfg.output_dir) / "eval"
+    result["grids"] = save_pages(images, folder, f"iter-{iteration:06d}")
+    result["grid"] = result["grids"][0]
+    with open(folder / "results.jsonl", "a") as f:
+        f.write(json.dumps({"iteration": iteration, **result}) + "\n")
     return result
+
+
+def save_pages(images: torch.Tensor, folder: Path, stem: str) -> list[str]:
+    """Grid pages of at most PAGE_SIZE images in order: `stem`.png, or `stem`-p1.png, -p2, ... when there are more."""
+    pages = max(1, math.ceil(len(images) / PAGE_SIZE))
+    paths = [folder / (f"{stem}-p{page + 1}.png" if pages > 1 else f"{stem}.png") for page in range(pages)]
+    for page, path in enumerate(paths):
+        save_grid(images[page * PAGE_SIZE:(page + 1) * PAGE_SIZE], path)
+    return [str(path) for path in paths]
 
 
 def save_grid(images: torch.Tensor, path: Path) -> None:

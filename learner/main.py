@@ -9,6 +9,10 @@ import os
 # Before anything imports ray: a local Ray otherwise listens on every network address, not only 127.0.0.1.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+from cluster.quiet import quiet_here  # noqa: E402
+
+quiet_here()  # before transformers, diffusers and ray are imported: their bars and advice stay off
+
 import argparse  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402

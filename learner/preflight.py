@@ -60,6 +60,16 @@ def check_output_dir(cfg: JobConfig, resume: str) -> None:
                 pass
 
 
+def check_logging(cfg: JobConfig, resume: str) -> None:
+    """The packages of logging.backends are installed."""
+    from learner.tracking import WandbMissing, require_backends
+
+    try:
+        require_backends(cfg)
+    except WandbMissing as e:
+        raise InputError(str(e)) from None
+
+
 def check_resume(cfg: JobConfig, resume: str) -> None:
     """The checkpoint to resume from ('none', 'auto' or a folder) is one this job can continue."""
     from learner.checkpoint import resolve_resume
@@ -266,6 +276,7 @@ def absolute_paths(cfg: JobConfig) -> JobConfig:
 CHECKS: list[Callable[[JobConfig, str], None]] = [
     check_output_dir,
     check_resume,
+    check_logging,
     check_rewards,
     check_prompts,
     check_ocr_targets,

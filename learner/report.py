@@ -20,7 +20,7 @@ def summarise(iteration: int, batch: list[Trajectories], rewards: list[GroupRewa
     scores = {name: np.concatenate([r.scores[name] for r in rewards]) for name in rewards[0].scores}
     updates = stats["updates"]
     learner = {k: float(np.mean([u[k] for u in updates])) for k in
-               ("loss", "policy_loss", "kl", "clip_frac", "ratio_mean", "ratio_std", "approx_kl", "grad_norm")
+               ("loss", "policy_loss", "kl", "clip_frac", "ratio_mean", "ratio_std", "approx_kl", "grad_norm", "lr")
                if k in updates[0]}  # no ratio for nft and awm
     return {
         "iteration": iteration,
@@ -102,6 +102,12 @@ def progress_line(iteration: int, total: int, s: dict[str, Any], times: dict[str
             f"({scorers}) | loss {s['loss']:.3g} kl {s['kl']:.3g} {ratio}gnorm {s['grad_norm']:.3g} "
             f"zero-std {s['zero_std_group_frac']:.2f} stale {s['staleness']} | {stages}")
     if "eval" in s:
-        means = ", ".join(f"{k} {v:.4f}" for k, v in s["eval"].items() if isinstance(v, float))
-        line += f" | eval {means} -> {s['eval']['grid']}"
+        line += " | " + eval_line(s["eval"])
     return line
+
+
+def eval_line(result: dict[str, Any]) -> str:
+    """An evaluation's scorer means and where its grid pages are."""
+    means = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
+    pages = result["grids"]
+    return f"eval {means} -> {pages[0]}" + (f" (+{len(pages) - 1} pages)" if len(pages) > 1 else "")

@@ -14,6 +14,11 @@ class RewardInputError(ValueError):
     """An input a scorer cannot score (e.g. an OCR prompt without a quoted target); names the prompt."""
 
 
+class ScorerUnavailable(RuntimeError):
+    """The scorer's backend cannot answer this time (a remote server down, overloaded or too slow); the reward
+    service sends the batch again, as for an actor that died."""
+
+
 @dataclass
 class ScoreResult:
     """Scores of N images, float32 (N,), and optional extra per-image metrics (each an array of N values)."""

@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "ocr": "rewards.ocr:OCRScorer",
     "geneval": "rewards.geneval:GenEvalScorer",
     "shapes": "rewards.shapes:ShapesScorer",
+    "http": "rewards.remote:HttpScorer",  # any scorer behind a server (rewards/serve.py)
 }
 
 

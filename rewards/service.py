@@ -23,7 +23,7 @@ import numpy as np
 
 from cluster.config import RewardsConfig, RewardSpec
 from cluster.pools import ActorPool
-from rewards.base import RewardInputError, as_uint8_images
+from rewards.base import RewardInputError, ScorerUnavailable, as_uint8_images
 
 
 class RewardError(RuntimeError):
@@ -333,6 +333,9 @@ class RewardService:
             self._retry(batch, call.actor, f"its actor died ({_cause(err)})")
             return
         except ray.exceptions.RayTaskError as err:
+            if isinstance(getattr(err, "cause", None), ScorerUnavailable):  # its backend may answer next time
+                self._retry(batch, call.actor, _cause(err))
+                return
             self._fail(group, f"scorer {name!r} raised on images {batch.start}..{batch.stop - 1}: {_cause(err)}")
             return
         if group.error is not None:

@@ -102,6 +102,23 @@ def case_group_size_not_dividing_batch(j):
     return sets("data.group_size=7"), ["data.images_per_iteration = 64", "multiple of data.group_size = 7"]
 
 
+@case
+def case_unknown_logging_backend(j):
+    return sets("logging.backends=[mlflow]"), ["logging.backends.0 = 'mlflow'", "'tensorboard' or 'wandb'"]
+
+
+@case
+def case_wandb_backend_without_the_package(j):
+    j.monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    return sets("logging.backends=[wandb]"), ["logging.backends names wandb", "pip install -e '.[wandb]'"]
+
+
+@case
+def case_warm_up_longer_than_the_job(j):
+    return (sets("iterations=5", "learner.updates_per_iteration=2", "learner.lr_warmup_updates=10"),
+            ["learner.lr_warmup_updates = 10", "iterations x updates_per_iteration = 10 updates"])
+
+
 # --------------------------------------------------------------------------- the model
 
 

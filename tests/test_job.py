@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
@@ -53,11 +54,102 @@ def history(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (output_dir / "history.jsonl").read_text().splitlines()]
 
 
+def evaluations(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (output_dir / "eval" / "results.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full")
-    run_job(out)
+    r = run_job(out, "logging.backends=[tensorboard,wandb]", "logging.wandb_mode=offline")
+    (out / "job.log").write_text(r.stdout + r.stderr)
     return out
+
+
+def wandb_history(output_dir: Path) -> list[dict]:
+    """The history records of the offline W&B run: its run-*.wandb file read as W&B writes it (a 7-byte header, then
+    LevelDB-style 32 KiB blocks of records: crc32c, length, type, then the bytes of a protobuf Record)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    [path] = (output_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    raw, pos, block, pieces, rows = path.read_bytes(), 7, 32768, b"", []
+    assert raw.startswith(b":W&B")
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        pieces += raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pieces)
+            pieces = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+        elif kind == 0:
+            break
+    return rows
+
+
+SCALARS = ["reward/jpeg_compressibility", "reward/total", "reward/total_std", "train/loss", "train/kl",
+           "train/clip_frac", "train/grad_norm", "train/lr", "train/staleness", "time/rollout", "time/reward",
+           "time/train", "time/iteration"]
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_every_scalar_histogram_and_evaluation_grid(full_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(full_run / "tensorboard"), size_guidance={"scalars": 0, "images": 0,
+                                                                           "histograms": 0})
+    events.Reload()
+    rows = history(full_run)
+    for tag in SCALARS:
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3], tag
+    assert [e.value for e in events.Scalars("reward/total")] == pytest.approx([h["reward_mean"] for h in rows])
+    assert [e.value for e in events.Scalars("train/lr")] == pytest.approx([h["lr"] for h in rows])
+    assert [e.step for e in events.Scalars("eval/jpeg_compressibility")] == [0, 3]
+    assert [e.value for e in events.Scalars("eval/jpeg_compressibility")] == pytest.approx(
+        [r["jpeg_compressibility"] for r in evaluations(full_run)])
+    [(step, png)] = [(e.step, e.encoded_image_string) for e in events.Images("eval/grid") if e.step == 3]
+    grid = np.asarray(Image.open(io.BytesIO(png)))
+    assert np.array_equal(grid, np.asarray(Image.open(full_run / "eval" / "iter-000003.png")))
+    assert [e.step for e in events.Images("eval/grid")] == [0, 3]
+    histograms = events.Histograms("reward_hist/jpeg_compressibility")
+    assert [h.step for h in histograms] == [1, 2, 3]
+    assert all(h.histogram_value.num == 8 for h in histograms)  # 8 images per iteration
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_holds_the_same_numbers(full_run):
+    rows = wandb_history(full_run)
+    by_step = {}
+    for row in rows:
+        by_step.setdefault(row["_step"], {}).update(row)
+    assert sorted(by_step) == [0, 1, 2, 3]
+    for h in history(full_run):
+        step = by_step[h["iteration"]]
+        assert step["reward/total"] == pytest.approx(h["reward_mean"])
+        assert all(tag in step for tag in SCALARS)
+        assert step["reward_hist/jpeg_compressibility"]["_type"] == "histogram"
+    for r in evaluations(full_run):
+        step = by_step[r["iteration"]]
+        assert step["eval/jpeg_compressibility"] == pytest.approx(r["jpeg_compressibility"])
+        assert step["eval/grid"]["_type"] == "image-file"
+
+
+@pytest.mark.slow
+def test_the_log_holds_only_the_jobs_own_lines(full_run):
+    """Third-party warnings, INFO lines and progress bars (transformers, diffusers, DeepSpeed, Ray) are silenced in
+    the driver and in every actor."""
+    lines = (full_run / "job.log").read_text().splitlines()
+    assert sum(ln.startswith("[flowrl] iter ") for ln in lines) == 4  # the starting evaluation and 3 iterations
+    foreign = [ln for ln in lines if ln.strip() and not ln.startswith("[flowrl] ")]
+    assert foreign == []
 
 
 @pytest.mark.slow
@@ -79,6 +171,9 @@ def test_checkpoints_are_complete_and_evaluation_writes_a_grid(full_run):
     grid = np.asarray(Image.open(full_run / "eval" / "iter-000003.png"))
     assert grid.shape == (64, 128, 3)  # 2 eval images of 64x64 side by side
     assert "eval" in history(full_run)[-1]
+    # the starting weights are evaluated too (eval.at_start), before iteration 1
+    assert [r["iteration"] for r in evaluations(full_run)] == [0, 3]
+    assert evaluations(full_run)[1]["grids"] == [str(full_run / "eval" / "iter-000003.png")]
 
 
 @pytest.mark.slow
@@ -86,6 +181,7 @@ def test_resume_continues_exactly(full_run, tmp_path):
     resumed = tmp_path / "resumed"
     run_job(resumed, resume=str(full_run / "checkpoints" / "iter-000001"))
     assert [h["iteration"] for h in history(resumed)] == [2, 3]
+    assert [r["iteration"] for r in evaluations(resumed)] == [3]  # no starting evaluation when resuming
     a = load_tree(full_run / "checkpoints" / "iter-000003" / "learner-rank0")
     b = load_tree(resumed / "checkpoints" / "iter-000003" / "learner-rank0")
     assert a["weights"].keys() == b["weights"].keys()
@@ -175,6 +271,9 @@ def test_exported_lora_loads_into_diffusers_and_reproduces_the_evaluation(full_r
                 guidance_scale=cfg.sampler.guidance_scale, latents=latents,
                 max_sequence_length=cfg.model.max_sequence_length, output_type="np").images[0]
     assert np.abs(base * 255 - grid[:, :res].astype(np.float32)).max() > 0.5
+    # the evaluation at iteration 0 is the base model's
+    start = np.asarray(Image.open(full_run / "eval" / "iter-000000.png"))
+    assert np.abs(base * 255 - start[:, :res].astype(np.float32)).max() <= 3.0
 
 
 def _free_port() -> int:

@@ -38,8 +38,12 @@ def _config(model_dir, *, num_actors: int, micro_batch_size: int):
 
 @pytest.fixture(scope="module")
 def batch(tiny_model_dirs):
+    return sample_batch(tiny_model_dirs["flux"])
+
+
+def sample_batch(model_dir):
     """Two groups sampled as a rollout worker does (the job's LoRA, version 0) and their rewards."""
-    cfg = _config(tiny_model_dirs["flux"], num_actors=1, micro_batch_size=2)
+    cfg = _config(model_dir, num_actors=1, micro_batch_size=2)
     model = load_flow_model(cfg.model.path, "flux", max_sequence_length=32)
     torch.manual_seed(123)  # the worker's adapter differs from the learner's; B = 0 makes both the base model
     add_lora(model.transformer, cfg.learner.lora)

@@ -106,6 +106,7 @@ class FlowModel(abc.ABC):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
         max_sequence_length: int | None = None,
+        scheduler_config: Mapping | None = None,
     ) -> None:
         self.modules = dict(modules)
         self.parts = frozenset(part for sub, (part, _) in self.components.items() if sub in self.modules)
@@ -114,6 +115,8 @@ class FlowModel(abc.ABC):
         self.dtype = dtype
         self.device = torch.device(device)
         self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        # the model's own scheduler config (scheduler/scheduler_config.json); None: the family's default
+        self.scheduler_config = dict(scheduler_config) if scheduler_config is not None else None
         self._negative: PromptEmbeds | None = None
 
     def _require(self, part: str) -> None:
@@ -150,8 +153,9 @@ class FlowModel(abc.ABC):
         return self._negative
 
     def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:
-        """The sampling schedule for this model family at this image size."""
-        return schedules.sigmas(self.family, num_steps, image_seq_len=self.image_seq_len(height, width))
+        """The sampling schedule at this image size, from the model's scheduler config as its pipeline computes it."""
+        return schedules.sigmas(self.family, num_steps, image_seq_len=self.image_seq_len(height, width),
+                                config=self.scheduler_config)
 
     def image_seq_len(self, height: int, width: int) -> int:
         """Number of image tokens the transformer sees (2x2 latent patches)."""

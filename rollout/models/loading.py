@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from cluster.config import MODEL_FAMILIES, ModelConfig
+from rollout.models import schedules
 from rollout.models.contract import FlowModel
 from rollout.models.flux import FluxModel
 from rollout.models.sd3 import SD3Model
@@ -69,7 +70,7 @@ def _resolve_hub_id(repo_id: str, subfolders: Collection[str], allow_download: b
             snapshot_download(
                 repo_id,
                 local_files_only=not allow_download,
-                allow_patterns=["model_index.json", *(f"{sub}/*" for sub in subfolders)],
+                allow_patterns=["model_index.json", "scheduler/*", *(f"{sub}/*" for sub in subfolders)],
             )
         )
     except Exception as err:  # any failure to fetch becomes one clear message; the cause stays chained
@@ -163,7 +164,12 @@ def load_flow_model(
             if sub != "transformer":  # frozen: only the transformer is ever trained
                 module.requires_grad_(False)
         modules[sub] = module
-    return model_class(modules, dtype=dtype, device=device, max_sequence_length=max_sequence_length)
+    try:
+        scheduler_config = schedules.read_config(folder, family)
+    except ValueError as err:
+        raise ModelLoadError(f"the {family} model at {path}: {err}") from err
+    return model_class(modules, dtype=dtype, device=device, max_sequence_length=max_sequence_length,
+                       scheduler_config=scheduler_config)
 
 
 def locate_configured(m: ModelConfig, parts: Collection[str] = PARTS) -> tuple[Path, dict[str, type]]:

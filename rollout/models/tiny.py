@@ -33,7 +33,7 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from cluster.config import MODEL_FAMILIES
-from rollout.models.schedules import SCHEDULER_CONFIGS
+from rollout.models.schedules import DEFAULT_CONFIGS
 
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
@@ -157,7 +157,7 @@ def _build_flux(seed: int) -> FluxPipeline:
             axes_dims_rope=(4, 6, 6),  # sums to attention_head_dim
         )
     return FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS["flux"]),
+        scheduler=FlowMatchEulerDiscreteScheduler(**DEFAULT_CONFIGS["flux"]),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
@@ -199,7 +199,7 @@ def _build_sd3(seed: int) -> StableDiffusion3Pipeline:
         )
     return StableDiffusion3Pipeline(
         transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS["sd3"]),
+        scheduler=FlowMatchEulerDiscreteScheduler(**DEFAULT_CONFIGS["sd3"]),
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,

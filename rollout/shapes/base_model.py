@@ -48,7 +48,7 @@ from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from rollout.models.contract import to_uint8_images
-from rollout.models.schedules import SCHEDULER_CONFIGS
+from rollout.models.schedules import DEFAULT_CONFIGS
 from rollout.models.tiny import clip_config, move_into_place, seeded, t5_encoder
 from rollout.shapes import data as shapes_data
 
@@ -79,7 +79,7 @@ class Settings:
     warmup: int = 100
     ema_decay: float = 0.998
     caption_dropout: float = 0.1
-    timestep_shift: float = SCHEDULER_CONFIGS["sd3"]["shift"]
+    timestep_shift: float = DEFAULT_CONFIGS["sd3"]["shift"]
     eval_samples: int = 256
     eval_steps: int = 10
     guidance_scales: tuple[float, ...] = (1.0, 2.0)
@@ -328,7 +328,7 @@ def build_shapes_base(out_dir: Path | str, settings: Settings = Settings(), *, e
         transformer = new_transformer(s.heads)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, vae=vae,
-        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS["sd3"]),
+        scheduler=FlowMatchEulerDiscreteScheduler(**DEFAULT_CONFIGS["sd3"]),
         **text,
     )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
