@@ -204,10 +204,11 @@ def export_lora(cfg: JobConfig, state: dict[str, torch.Tensor], folder: Path) ->
     """Write a LoRA state (peft names) in the layout `pipe.load_lora_weights(folder)` reads, alpha included."""
     from peft import LoraConfig
 
-    if cfg.model.family == "flux":
-        from diffusers import FluxPipeline as Pipeline
-    else:
-        from diffusers import StableDiffusion3Pipeline as Pipeline
+    import diffusers
+
+    from rollout.models.loading import adapter
+
+    Pipeline = getattr(diffusers, adapter(cfg.model.family).pipeline)  # its save_lora_weights: what it loads
     lora = cfg.learner.lora
     metadata = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=list(lora.target_modules)).to_dict()

@@ -93,3 +93,17 @@ def test_scorer_options_that_cannot_build_are_refused_before_ray_starts(tiny_mod
     [error] = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert "rewards.scorers.0.options: geneval: detector 'mask2former' needs detector_model" in error
     assert "Ray" not in r.stdout and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_flux2_yaml_passes_the_dry_run(prompts, reward_weights, tmp_path):
+    from rollout.models.tiny import build_tiny
+
+    model = build_tiny("flux2", tmp_path / "model")
+    clip, out = reward_weights["clip"], tmp_path / "out"
+    out.mkdir()
+    r = dry_run("flux2", out, f"model.path={model}", f"data.path={prompts['pickscore_train']}",
+                f"eval.path={prompts['pickscore_test']}",
+                f"rewards.scorers=[{{name: pickscore, options: {{path: '{clip}', processor_path: '{clip}'}}}}]")
+    assert_placed_and_nothing_written(r, out, {
+        "learner": "3 x {CPU 4, GPU 1}", "rollout": "4 x {CPU 4, GPU 1}", "rewards/pickscore": "1 x {CPU 2, GPU 1}"})

@@ -36,7 +36,7 @@ def pipeline_sigmas(pipe, steps: int, size: int) -> torch.Tensor:
         return kwargs
 
     pipe.set_progress_bar_config(disable=True)
-    pipe("a red square", num_inference_steps=steps, height=size, width=size, output_type="latent",
+    pipe(prompt="a red square", num_inference_steps=steps, height=size, width=size, output_type="latent",
          callback_on_step_end=record, generator=torch.Generator().manual_seed(0))
     return seen[0].float()
 

@@ -93,6 +93,7 @@ class FlowModel(abc.ABC):
     """A text-to-image flow-matching model: the velocity field v(x_t, t) plus its text encoders and VAE."""
 
     family: ClassVar[str]
+    pipeline: ClassVar[str]  # the diffusers pipeline class this adapter reproduces
     # True when guidance is classifier-free (needs negative embeddings), False for a guidance embedding.
     true_cfg: ClassVar[bool]
     default_max_sequence_length: ClassVar[int]

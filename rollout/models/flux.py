@@ -16,6 +16,7 @@ class FluxModel(FlowModel):
     """FLUX.1 as FluxPipeline runs it, with the latents kept packed: (B, (H/16)*(W/16), 4*16)."""
 
     family = "flux"
+    pipeline = "FluxPipeline"
     true_cfg = False
     default_max_sequence_length = 512
     components = {

@@ -17,10 +17,11 @@ from cluster.config import MODEL_FAMILIES, ModelConfig
 from rollout.models import schedules
 from rollout.models.contract import FlowModel
 from rollout.models.flux import FluxModel
+from rollout.models.flux2 import Flux2Model
 from rollout.models.sd3 import SD3Model
 
 # The adapter of each family of cluster.config.MODEL_FAMILIES, in that order.
-ADAPTERS: dict[str, type[FlowModel]] = dict(zip(MODEL_FAMILIES, (FluxModel, SD3Model), strict=True))
+ADAPTERS: dict[str, type[FlowModel]] = dict(zip(MODEL_FAMILIES, (FluxModel, SD3Model, Flux2Model), strict=True))
 PARTS: tuple[str, ...] = ("text", "vae", "transformer")
 
 

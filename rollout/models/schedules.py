@@ -19,6 +19,7 @@ class PipelineRule:
     defaults it falls back to for a resolution-dependent shift (mu) when the config leaves them out."""
 
     linear_sigmas: bool
+    empirical_mu: bool = False  # FLUX.2: mu from the token count and the step count (`empirical_mu`)
     base_image_seq_len: int = 256
     max_image_seq_len: int = 4096
     base_shift: float = 0.5
@@ -28,6 +29,7 @@ class PipelineRule:
 RULES: dict[str, PipelineRule] = {
     "flux": PipelineRule(linear_sigmas=True),  # FluxPipeline
     "sd3": PipelineRule(linear_sigmas=False, max_shift=1.16),  # StableDiffusion3Pipeline
+    "flux2": PipelineRule(linear_sigmas=True, empirical_mu=True),  # Flux2KleinPipeline
 }
 
 # What a model folder without scheduler/scheduler_config.json is taken to have: FLUX.1-dev's (resolution-dependent
@@ -36,7 +38,20 @@ DEFAULT_CONFIGS: dict[str, dict] = {
     "flux": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                  max_image_seq_len=4096),
     "sd3": dict(shift=3.0),
+    "flux2": dict(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential", base_shift=0.5,
+                  max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
 }
+
+
+def empirical_mu(image_seq_len: int, num_steps: int) -> float:
+    """FLUX.2's shift: two lines in the token count L (fitted at 10 and 200 steps), interpolated linearly in the
+    step count; above 4300 tokens the 200-step line alone."""
+    at_200 = 0.00016927 * image_seq_len + 0.45666666
+    if image_seq_len > 4300:
+        return at_200
+    at_10 = 8.73809524e-05 * image_seq_len + 1.89833333
+    slope = (at_200 - at_10) / 190.0
+    return at_200 + slope * (num_steps - 200.0)
 
 
 def read_config(folder: Path | str, family: str) -> dict:
@@ -73,6 +88,9 @@ def sigmas(family: str, num_steps: int, *, image_seq_len: int | None = None,
         if isinstance(image_seq_len, bool) or not isinstance(image_seq_len, int) or image_seq_len < 1:
             raise ValueError(f"a schedule with dynamic shifting needs image_seq_len (image tokens) >= 1, "
                              f"got {image_seq_len!r}")
+    if config.get("use_dynamic_shifting") and rule.empirical_mu:
+        kwargs["mu"] = empirical_mu(image_seq_len, num_steps)
+    elif config.get("use_dynamic_shifting"):
         # mu linear in the token count: base_shift at base_image_seq_len, max_shift at max_image_seq_len
         base_len = config.get("base_image_seq_len", rule.base_image_seq_len)
         max_len = config.get("max_image_seq_len", rule.max_image_seq_len)

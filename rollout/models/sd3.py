@@ -16,6 +16,7 @@ class SD3Model(FlowModel):
     """Stable Diffusion 3.5 as StableDiffusion3Pipeline runs it."""
 
     family = "sd3"
+    pipeline = "StableDiffusion3Pipeline"
     true_cfg = True
     default_max_sequence_length = 256
     components = {

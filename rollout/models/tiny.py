@@ -1,4 +1,5 @@
-"""Offline builder of tiny random FLUX.1 / SD3.5 pipelines in diffusers format, for tests and the CPU demo.
+"""Offline builder of tiny random FLUX.1 / SD3.5 / FLUX.2 [klein] pipelines in diffusers format, for tests and the
+CPU demo.
 
 The folders have the real layout (transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/, model_index.json), so
 they load through exactly the same `from_pretrained` path as the real models; only the widths are tiny.
@@ -26,6 +27,9 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3ForCausalLM,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -36,7 +40,7 @@ from cluster.config import MODEL_FAMILIES
 from rollout.models.schedules import DEFAULT_CONFIGS
 
 if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import DiffusionPipeline, Flux2KleinPipeline, FluxPipeline, StableDiffusion3Pipeline
 
 MARKER = "tiny_model.json"
 
@@ -210,11 +214,57 @@ def _build_sd3(seed: int) -> StableDiffusion3Pipeline:
     )
 
 
+# A chat template with Qwen3's layout for one user turn and the generation prompt without thinking.
+QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and not "
+                      "enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+
+
+def qwen_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level Qwen tokenizer with one token per byte, Qwen's chat markers and a chat template."""
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
+                               pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|endoftext|>"]})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def _build_flux2(seed: int) -> Flux2KleinPipeline:
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+
+    tokenizer = qwen_tokenizer()
+    width, heads, head_dim = 16, 2, 16
+    with seeded(seed, 1):  # 27 layers: the pipeline stacks hidden states 9, 18 and 27
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=27,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+            pad_token_id=tokenizer.pad_token_id))
+    with seeded(seed, 3):
+        vae = AutoencoderKLFlux2(block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=4,
+                                 norm_num_groups=4, sample_size=64, use_quant_conv=False, use_post_quant_conv=False,
+                                 mid_block_add_attention=False)
+        # the real VAE's batch-norm statistics normalise its latents; random ones here, so that they matter
+        vae.bn.running_mean.normal_(0.0, 0.5)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    with seeded(seed, 4):
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=4 * vae.config.latent_channels, num_layers=1, num_single_layers=1,
+            attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=3 * width,
+            timestep_guidance_channels=32, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**DEFAULT_CONFIGS["flux2"]), vae=vae,
+                              text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+                              is_distilled=False)
+
+
+BUILDERS = {"flux": _build_flux, "sd3": _build_sd3, "flux2": _build_flux2}
+
+
 def build_tiny_pipeline(family: str, *, seed: int = 0) -> DiffusionPipeline:
     """Build a tiny random pipeline in memory, deterministically from `seed`, all modules in eval mode."""
     if family not in MODEL_FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(MODEL_FAMILIES)}")
-    pipe = _build_flux(seed) if family == "flux" else _build_sd3(seed)
+    pipe = BUILDERS[family](seed)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()  # built from configs they start in train mode (T5 dropout)
