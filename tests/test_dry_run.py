@@ -95,14 +95,16 @@ def test_scorer_options_that_cannot_build_are_refused_before_ray_starts(tiny_mod
     assert "Ray" not in r.stdout and "Traceback" not in r.stderr
 
 
+
 @pytest.mark.slow
-def test_flux2_yaml_passes_the_dry_run(prompts, reward_weights, tmp_path):
+@pytest.mark.parametrize("family", ["flux2", "qwen_image"])
+def test_flux2_and_qwen_image_yamls_pass_the_dry_run(family, prompts, reward_weights, tmp_path):
     from rollout.models.tiny import build_tiny
 
-    model = build_tiny("flux2", tmp_path / "model")
+    model = build_tiny(family, tmp_path / "model")  # the tiny random model in the real layout
     clip, out = reward_weights["clip"], tmp_path / "out"
     out.mkdir()
-    r = dry_run("flux2", out, f"model.path={model}", f"data.path={prompts['pickscore_train']}",
+    r = dry_run(family, out, f"model.path={model}", f"data.path={prompts['pickscore_train']}",
                 f"eval.path={prompts['pickscore_test']}",
                 f"rewards.scorers=[{{name: pickscore, options: {{path: '{clip}', processor_path: '{clip}'}}}}]")
     assert_placed_and_nothing_written(r, out, {

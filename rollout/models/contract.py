@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -24,10 +24,13 @@ class PromptEmbeds:
     FLUX: `prompt_embeds` (B, L, D_t5) from T5 and `pooled` (B, D_clip) from CLIP.
     SD3: `prompt_embeds` (B, 77 + L, D_t5), both CLIPs' hidden states (zero-padded to D_t5) then T5, and `pooled`
     (B, 2 * projection), both CLIPs' projections.
+    FLUX.2, Qwen-Image: no pooled vector (B, 0). Qwen-Image's prompts keep their own lengths: `mask` (B, L) bool marks
+    the real tokens of rows padded to a common length (None: every token is real).
     """
 
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor
+    mask: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.prompt_embeds.ndim != 3 or self.pooled.ndim != 2:
@@ -40,37 +43,52 @@ class PromptEmbeds:
                 f"prompt_embeds and pooled disagree on the batch size: "
                 f"{self.prompt_embeds.shape[0]} != {self.pooled.shape[0]}"
             )
+        if self.mask is not None and (self.mask.dtype != torch.bool or self.mask.shape != self.prompt_embeds.shape[:2]):
+            raise ValueError(f"mask must be bool (B, L) = {tuple(self.prompt_embeds.shape[:2])}, got "
+                             f"{self.mask.dtype} {tuple(self.mask.shape)}")
 
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
 
+    def _with(self, fn) -> PromptEmbeds:
+        """`fn` applied to every tensor (the mask included, when there is one)."""
+        return PromptEmbeds(fn(self.prompt_embeds), fn(self.pooled), None if self.mask is None else fn(self.mask))
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PromptEmbeds:
-        """The same embeddings on another device and/or in another dtype."""
-        return PromptEmbeds(*(getattr(self, f.name).to(device=device, dtype=dtype) for f in fields(self)))
+        """The same embeddings on another device and/or in another dtype (the mask stays bool)."""
+        return PromptEmbeds(self.prompt_embeds.to(device=device, dtype=dtype), self.pooled.to(device=device, dtype=dtype),
+                            None if self.mask is None else self.mask.to(device=device))
 
     def index_select(self, index: Sequence[int] | torch.Tensor) -> PromptEmbeds:
         """Rows `index` (repeats allowed), e.g. the groups of the samples in a learner micro-batch."""
         index = torch.as_tensor(index, dtype=torch.long, device=self.prompt_embeds.device)
-        return PromptEmbeds(*(getattr(self, f.name).index_select(0, index) for f in fields(self)))
+        return self._with(lambda t: t.index_select(0, index))
 
     def expand(self, n: int) -> PromptEmbeds:
         """One prompt's embeddings repeated for a group of `n` samples, as a view (no copy)."""
         if len(self) != 1:
             raise ValueError(f"expand needs the embeddings of exactly one prompt, got {len(self)}")
-        return PromptEmbeds(
-            self.prompt_embeds.expand(n, -1, -1),
-            self.pooled.expand(n, -1),
-        )
+        return self._with(lambda t: t.expand(n, *t.shape[1:]))
 
     @staticmethod
     def cat(parts: Sequence[PromptEmbeds]) -> PromptEmbeds:
-        """Concatenate along the batch (e.g. several groups into one forward)."""
+        """Concatenate along the batch (e.g. several groups into one forward). Rows of different lengths are padded
+        with zeros to the longest, and the mask marks their real tokens."""
         if not parts:
             raise ValueError("cat needs at least one PromptEmbeds")
-        return PromptEmbeds(
-            torch.cat([p.prompt_embeds for p in parts]),
-            torch.cat([p.pooled for p in parts]),
-        )
+        pooled = torch.cat([p.pooled for p in parts])
+        lengths = {p.prompt_embeds.shape[1] for p in parts}
+        if len(lengths) == 1 and all(p.mask is None for p in parts):
+            return PromptEmbeds(torch.cat([p.prompt_embeds for p in parts]), pooled)
+        longest = max(lengths)
+        embeds, masks = [], []
+        for p in parts:
+            batch, length, _ = p.prompt_embeds.shape
+            pad = longest - length
+            embeds.append(torch.nn.functional.pad(p.prompt_embeds, (0, 0, 0, pad)))
+            mask = p.mask if p.mask is not None else p.prompt_embeds.new_ones(batch, length, dtype=torch.bool)
+            masks.append(torch.nn.functional.pad(mask, (0, pad), value=False))
+        return PromptEmbeds(torch.cat(embeds), pooled, torch.cat(masks))
 
 
 def sigma_batch(sigma: float | torch.Tensor, batch: int, device: torch.device | str) -> torch.Tensor:
@@ -96,6 +114,7 @@ class FlowModel(abc.ABC):
     pipeline: ClassVar[str]  # the diffusers pipeline class this adapter reproduces
     # True when guidance is classifier-free (needs negative embeddings), False for a guidance embedding.
     true_cfg: ClassVar[bool]
+    negative_prompt: ClassVar[str] = ""  # the prompt whose velocity classifier-free guidance pushes away from
     default_max_sequence_length: ClassVar[int]
     # subfolder -> (part, loader class): what `loading.load_flow_model` loads for each part.
     components: ClassVar[dict[str, tuple[str, type]]]
@@ -148,9 +167,9 @@ class FlowModel(abc.ABC):
         return 8
 
     def negative_embeds(self) -> PromptEmbeds:
-        """Embeddings of the empty prompt (one row), encoded on first use and cached."""
+        """Embeddings of the negative prompt (one row), encoded on first use and cached."""
         if self._negative is None:
-            self._negative = self.encode_prompts([""])
+            self._negative = self.encode_prompts([self.negative_prompt])
         return self._negative
 
     def sigmas(self, num_steps: int, height: int, width: int) -> torch.Tensor:

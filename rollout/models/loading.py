@@ -18,10 +18,12 @@ from rollout.models import schedules
 from rollout.models.contract import FlowModel
 from rollout.models.flux import FluxModel
 from rollout.models.flux2 import Flux2Model
+from rollout.models.qwen_image import QwenImageModel
 from rollout.models.sd3 import SD3Model
 
 # The adapter of each family of cluster.config.MODEL_FAMILIES, in that order.
-ADAPTERS: dict[str, type[FlowModel]] = dict(zip(MODEL_FAMILIES, (FluxModel, SD3Model, Flux2Model), strict=True))
+ADAPTERS: dict[str, type[FlowModel]] = dict(zip(MODEL_FAMILIES, (FluxModel, SD3Model, Flux2Model, QwenImageModel),
+                                                strict=True))
 PARTS: tuple[str, ...] = ("text", "vae", "transformer")
 
 

@@ -1,4 +1,4 @@
-"""Offline builder of tiny random FLUX.1 / SD3.5 / FLUX.2 [klein] pipelines in diffusers format, for tests and the
+"""Offline builder of tiny random FLUX.1 / SD3.5 / FLUX.2 [klein] / Qwen-Image pipelines in diffusers format, for tests and the
 CPU demo.
 
 The folders have the real layout (transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/, model_index.json), so
@@ -27,6 +27,8 @@ from transformers import (
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2Tokenizer,
     Qwen3Config,
     Qwen3ForCausalLM,
@@ -40,7 +42,7 @@ from cluster.config import MODEL_FAMILIES
 from rollout.models.schedules import DEFAULT_CONFIGS
 
 if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline, Flux2KleinPipeline, FluxPipeline, StableDiffusion3Pipeline
+    from diffusers import DiffusionPipeline, Flux2KleinPipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
 
 MARKER = "tiny_model.json"
 
@@ -257,7 +259,36 @@ def _build_flux2(seed: int) -> Flux2KleinPipeline:
                               is_distilled=False)
 
 
-BUILDERS = {"flux": _build_flux, "sd3": _build_sd3, "flux2": _build_flux2}
+def _build_qwen_image(seed: int) -> QwenImagePipeline:
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline, QwenImageTransformer2DModel
+
+    tokenizer = qwen_tokenizer()
+    width = 16
+    special = len(tokenizer)  # vision token ids, never produced by a text prompt
+    with seeded(seed, 1):
+        text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=dict(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,
+                             num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                             max_position_embeddings=2048, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+                             pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+                             eos_token_id=tokenizer.eos_token_id),
+            vision_config=dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=width,
+                               fullatt_block_indexes=[0]),
+            image_token_id=special, video_token_id=special + 1, vision_start_token_id=special + 2,
+            vision_end_token_id=special + 3))
+    with seeded(seed, 3):  # a 3D VAE with 8x spatial compression and random per-channel statistics
+        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                     latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])
+    with seeded(seed, 4):
+        transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=4 * vae.config.z_dim,
+                                                  out_channels=vae.config.z_dim, num_layers=1, attention_head_dim=16,
+                                                  num_attention_heads=2, joint_attention_dim=width,
+                                                  axes_dims_rope=(4, 6, 6))
+    return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**DEFAULT_CONFIGS["qwen_image"]), vae=vae,
+                             text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+
+
+BUILDERS = {"flux": _build_flux, "sd3": _build_sd3, "flux2": _build_flux2, "qwen_image": _build_qwen_image}
 
 
 def build_tiny_pipeline(family: str, *, seed: int = 0) -> DiffusionPipeline:
