@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The one list of each vocabulary: the config's choices below and the code that dispatches on them derive from these.
-MODEL_FAMILIES = ("flux", "sd3", "flux2", "qwen_image")
+MODEL_FAMILIES = ("flux", "sd3", "flux2", "qwen_image", "z_image")
 STEP_KINDS = ("ode", "sde", "dance", "cps", "sde_exact")  # MATH.md "Step rules"; only "ode" has no log-prob
 TRAINABLE_KINDS = tuple(kind for kind in STEP_KINDS if kind != "ode")
 GUARD_KINDS = ("sde", "sde_exact")  # the rules GRPO-Guard normalises (MATH.md "GRPO-Guard")

@@ -97,8 +97,8 @@ def test_scorer_options_that_cannot_build_are_refused_before_ray_starts(tiny_mod
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["flux2", "qwen_image"])
-def test_flux2_and_qwen_image_yamls_pass_the_dry_run(family, prompts, reward_weights, tmp_path):
+@pytest.mark.parametrize("family", ["flux2", "qwen_image", "z_image"])
+def test_the_new_families_yamls_pass_the_dry_run(family, prompts, reward_weights, tmp_path):
     from rollout.models.tiny import build_tiny
 
     model = build_tiny(family, tmp_path / "model")  # the tiny random model in the real layout

@@ -20,10 +20,11 @@ from rollout.models.flux import FluxModel
 from rollout.models.flux2 import Flux2Model
 from rollout.models.qwen_image import QwenImageModel
 from rollout.models.sd3 import SD3Model
+from rollout.models.z_image import ZImageModel
 
 # The adapter of each family of cluster.config.MODEL_FAMILIES, in that order.
-ADAPTERS: dict[str, type[FlowModel]] = dict(zip(MODEL_FAMILIES, (FluxModel, SD3Model, Flux2Model, QwenImageModel),
-                                                strict=True))
+ADAPTERS: dict[str, type[FlowModel]] = dict(zip(MODEL_FAMILIES, (FluxModel, SD3Model, Flux2Model, QwenImageModel,
+                                                                 ZImageModel), strict=True))
 PARTS: tuple[str, ...] = ("text", "vae", "transformer")
 
 

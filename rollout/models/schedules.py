@@ -31,10 +31,11 @@ RULES: dict[str, PipelineRule] = {
     "sd3": PipelineRule(linear_sigmas=False, max_shift=1.16),  # StableDiffusion3Pipeline
     "flux2": PipelineRule(linear_sigmas=True, empirical_mu=True),  # Flux2KleinPipeline
     "qwen_image": PipelineRule(linear_sigmas=True),  # QwenImagePipeline
+    "z_image": PipelineRule(linear_sigmas=True),  # ZImagePipeline
 }
 
 # What a model folder without scheduler/scheduler_config.json is taken to have: the configurations FLUX.1-dev,
-# SD3.5, FLUX.2 [klein] and Qwen-Image ship.
+# SD3.5, FLUX.2 [klein], Qwen-Image and Z-Image-Turbo ship.
 DEFAULT_CONFIGS: dict[str, dict] = {
     "flux": dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                  max_image_seq_len=4096),
@@ -43,6 +44,7 @@ DEFAULT_CONFIGS: dict[str, dict] = {
                   max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096),
     "qwen_image": dict(shift=1.0, use_dynamic_shifting=True, time_shift_type="exponential", base_shift=0.5,
                        max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02),
+    "z_image": dict(shift=3.0, use_dynamic_shifting=False),
 }
 
 

@@ -1,5 +1,5 @@
-"""Offline builder of tiny random FLUX.1 / SD3.5 / FLUX.2 [klein] / Qwen-Image pipelines in diffusers format, for tests and the
-CPU demo.
+"""Offline builder of tiny random FLUX.1 / SD3.5 / FLUX.2 [klein] / Qwen-Image / Z-Image pipelines in diffusers
+format, for tests and the CPU demo.
 
 The folders have the real layout (transformer/, vae/, text_encoder*/, tokenizer*/, scheduler/, model_index.json), so
 they load through exactly the same `from_pretrained` path as the real models; only the widths are tiny.
@@ -32,6 +32,7 @@ from transformers import (
     Qwen2Tokenizer,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3Model,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -42,7 +43,8 @@ from cluster.config import MODEL_FAMILIES
 from rollout.models.schedules import DEFAULT_CONFIGS
 
 if TYPE_CHECKING:
-    from diffusers import DiffusionPipeline, Flux2KleinPipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline
+    from diffusers import (DiffusionPipeline, Flux2KleinPipeline, FluxPipeline, QwenImagePipeline,
+                           StableDiffusion3Pipeline, ZImagePipeline)
 
 MARKER = "tiny_model.json"
 
@@ -288,7 +290,28 @@ def _build_qwen_image(seed: int) -> QwenImagePipeline:
                              text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
 
 
-BUILDERS = {"flux": _build_flux, "sd3": _build_sd3, "flux2": _build_flux2, "qwen_image": _build_qwen_image}
+def _build_z_image(seed: int) -> ZImagePipeline:
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+
+    tokenizer = qwen_tokenizer()
+    width = 16
+    with seeded(seed, 1):
+        text_encoder = Qwen3Model(Qwen3Config(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+            pad_token_id=tokenizer.pad_token_id))
+    with seeded(seed, 3):
+        vae = _vae(*FLUX_VAE_SCALING)  # Z-Image decodes with the FLUX.1 VAE
+    with seeded(seed, 4):
+        transformer = ZImageTransformer2DModel(in_channels=vae.config.latent_channels, dim=32, n_layers=1,
+                                               n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=width,
+                                               axes_dims=[4, 6, 6], axes_lens=[1024, 64, 64])
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**DEFAULT_CONFIGS["z_image"]), vae=vae,
+                          text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+
+
+BUILDERS = {"flux": _build_flux, "sd3": _build_sd3, "flux2": _build_flux2, "qwen_image": _build_qwen_image,
+            "z_image": _build_z_image}
 
 
 def build_tiny_pipeline(family: str, *, seed: int = 0) -> DiffusionPipeline:
