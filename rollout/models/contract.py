@@ -8,6 +8,7 @@ imports only this module; `loading.py` knows the families and loads them.
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -101,6 +102,15 @@ def sigma_batch(sigma: float | torch.Tensor, batch: int, device: torch.device | 
     return sigma
 
 
+def unpack_patches(latents: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Tokens (B, rows*cols, 4C) of 2x2 latent patches, features ordered (channel, dy, dx) -> latents
+    (B, C, 2*rows, 2*cols): the inverse of the FLUX.1 / Qwen-Image packing."""
+    batch, _, packed = latents.shape
+    channels = packed // 4
+    latents = latents.reshape(batch, rows, cols, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(batch, channels, 2 * rows, 2 * cols)
+
+
 def to_uint8_images(decoded: torch.Tensor) -> torch.Tensor:
     """VAE output in [-1, 1], (B, 3, H, W) -> uint8 (B, H, W, 3) on CPU, rounded as diffusers' image processor does."""
     images = (decoded.float() / 2 + 0.5).clamp(0, 1)
@@ -181,6 +191,36 @@ class FlowModel(abc.ABC):
         """Number of image tokens the transformer sees (2x2 latent patches)."""
         self._check_size(height, width)
         return (height // (2 * self.vae_scale_factor)) * (width // (2 * self.vae_scale_factor))
+
+    def _token_grid(self, tokens: int, image_size: tuple[int, int] | None) -> tuple[int, int]:
+        """(rows, cols) of a grid of 2x2-patch tokens: from the pixel size, or square when it is not given."""
+        if image_size is not None:
+            height, width = image_size
+            self._check_size(height, width)
+            grid = (height // (2 * self.vae_scale_factor), width // (2 * self.vae_scale_factor))
+            if grid[0] * grid[1] != tokens:
+                raise ValueError(f"latents have {tokens} tokens but a {height}x{width} image has {grid[0] * grid[1]}")
+            return grid
+        side = math.isqrt(tokens)
+        if side * side != tokens:
+            raise ValueError(f"{tokens} latent tokens are not a square grid: pass image_size=(height, width)")
+        return side, side
+
+    def _decode_scaled(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents (B, C, h, w) -> uint8 images, undoing the VAE's scaling factor and shift first."""
+        config = self.vae.config
+        latents = latents.to(self.device, torch.float32) / config.scaling_factor + config.shift_factor
+        return to_uint8_images(self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0])
+
+    def _with_negative(self, x: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
+                       negative: PromptEmbeds | None, guidance_scale: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, PromptEmbeds]:
+        """Inputs of one batched guided forward: [negative, positive] along the batch."""
+        if negative is None:
+            raise ValueError(f"{self.family} with guidance_scale={guidance_scale} needs negative embeddings "
+                             f"(model.negative_embeds())")
+        embeds = PromptEmbeds.cat([self._batch_embeds(negative, len(x), "negative"), embeds])
+        return torch.cat([x, x]), torch.cat([timestep, timestep]), embeds
 
     def _batch_embeds(self, embeds: PromptEmbeds, batch: int, what: str) -> PromptEmbeds:
         """Embeddings with one row per latent (a single row is broadcast), on the model's device and dtype."""

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch, to_uint8_images
+from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch, unpack_patches
 
 
 class FluxModel(FlowModel):
@@ -45,20 +44,6 @@ class FluxModel(FlowModel):
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         """Packed latents: one token per 2x2 patch of the (H/8, W/8) latent, 4 * latent_channels features."""
         return (batch, self.image_seq_len(height, width), 4 * self.latent_channels)
-
-    def _token_grid(self, tokens: int, image_size: tuple[int, int] | None) -> tuple[int, int]:
-        """(rows, cols) of the packed token grid: from the pixel size, or square when it is not given."""
-        if image_size is not None:
-            height, width = image_size
-            self._check_size(height, width)
-            grid = (height // (2 * self.vae_scale_factor), width // (2 * self.vae_scale_factor))
-            if grid[0] * grid[1] != tokens:
-                raise ValueError(f"latents have {tokens} tokens but a {height}x{width} image has {grid[0] * grid[1]}")
-            return grid
-        side = math.isqrt(tokens)
-        if side * side != tokens:
-            raise ValueError(f"{tokens} latent tokens are not a square grid: pass image_size=(height, width)")
-        return side, side
 
     def _image_ids(self, rows: int, cols: int) -> torch.Tensor:
         """Position ids (0, row, col) of each packed token, as FluxPipeline builds img_ids."""
@@ -103,19 +88,9 @@ class FluxModel(FlowModel):
         )[0]
         return out.float()
 
-    def unpack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Packed (B, tokens, 4C) -> VAE latents (B, C, H/8, W/8), inverting FluxPipeline's 2x2 packing."""
-        rows, cols = self._token_grid(latents.shape[1], (height, width))
-        batch, _, packed = latents.shape
-        channels = packed // 4
-        latents = latents.view(batch, rows, cols, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        return latents.reshape(batch, channels, 2 * rows, 2 * cols)
-
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Unpack, undo the VAE scaling and shift, decode, and quantise to uint8 (B, H, W, 3)."""
         self._require("vae")
-        config = self.vae.config
-        latents = self.unpack(latents.to(self.device, torch.float32), height, width)
-        latents = latents / config.scaling_factor + config.shift_factor
-        return to_uint8_images(self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0])
+        rows, cols = self._token_grid(latents.shape[1], (height, width))
+        return self._decode_scaled(unpack_patches(latents.to(self.device, torch.float32), rows, cols))

@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 from transformers import Qwen2Tokenizer, Qwen3ForCausalLM
 
-from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch, to_uint8_images
+from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch, to_uint8_images, unpack_patches
 
 HIDDEN_LAYERS = (9, 18, 27)  # the text encoder's hidden states the pipeline stacks into the conditioning
 
@@ -55,19 +55,6 @@ class Flux2Model(FlowModel):
         """Packed latents: one token per 2x2 patch of the (H/8, W/8) latent, 4 * latent_channels features."""
         return (batch, self.image_seq_len(height, width), 4 * self.latent_channels)
 
-    def _grid(self, tokens: int, image_size: tuple[int, int] | None) -> tuple[int, int]:
-        if image_size is None:
-            side = int(round(tokens ** 0.5))
-            if side * side != tokens:
-                raise ValueError(f"{tokens} latent tokens are not a square grid: pass image_size=(height, width)")
-            return side, side
-        self._check_size(*image_size)
-        rows, cols = (size // (2 * self.vae_scale_factor) for size in image_size)
-        if rows * cols != tokens:
-            raise ValueError(f"latents have {tokens} tokens but a {image_size[0]}x{image_size[1]} image has "
-                             f"{rows * cols}")
-        return rows, cols
-
     def _ids(self, rows: int, cols: int, text_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Position ids (t, h, w, l): (0, row, col, 0) per image token, (0, 0, 0, i) per text token."""
         image = torch.zeros(rows, cols, 4)
@@ -98,12 +85,8 @@ class Flux2Model(FlowModel):
         timestep = sigma_batch(sigma, batch, self.device).to(self.dtype)  # t in [0, 1]: the model scales by 1000
         cfg = float(guidance_scale) > 1.0
         if cfg:
-            if negative is None:
-                raise ValueError(f"FLUX.2 with guidance_scale={guidance_scale} needs negative embeddings "
-                                 f"(model.negative_embeds())")
-            embeds = PromptEmbeds.cat([self._batch_embeds(negative, batch, "negative"), embeds])
-            x, timestep = torch.cat([x, x]), torch.cat([timestep, timestep])
-        image_ids, text_ids = self._ids(*self._grid(tokens, image_size), embeds.prompt_embeds.shape[1])
+            x, timestep, embeds = self._with_negative(x, timestep, embeds, negative, guidance_scale)
+        image_ids, text_ids = self._ids(*self._token_grid(tokens, image_size), embeds.prompt_embeds.shape[1])
         out = self.transformer(hidden_states=x, timestep=timestep, guidance=None,
                                encoder_hidden_states=embeds.prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
                                return_dict=False)[0].float()
@@ -114,15 +97,11 @@ class Flux2Model(FlowModel):
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Unpack the tokens, undo the batch-norm normalisation, un-patchify, decode, quantise to uint8 (B, H, W, 3)."""
+        """Undo the batch-norm normalisation (per token feature), unpack the 2x2 patches, decode, quantise to uint8."""
         self._require("vae")
-        rows, cols = self._grid(latents.shape[1], (height, width))
-        batch, _, packed = latents.shape
-        x = latents.to(self.device, torch.float32).permute(0, 2, 1).reshape(batch, packed, rows, cols)
-        bn = self.vae.bn
-        x = x * torch.sqrt(bn.running_var.float() + self.vae.config.batch_norm_eps).view(1, -1, 1, 1) \
-            + bn.running_mean.float().view(1, -1, 1, 1)
-        channels = packed // 4
-        x = x.reshape(batch, channels, 2, 2, rows, cols).permute(0, 1, 4, 2, 5, 3)
-        x = x.reshape(batch, channels, 2 * rows, 2 * cols)
+        rows, cols = self._token_grid(latents.shape[1], (height, width))
+        bn = self.vae.bn  # statistics of the patchified latent's 4C channels: the tokens' features
+        x = latents.to(self.device, torch.float32)
+        x = x * torch.sqrt(bn.running_var.float() + self.vae.config.batch_norm_eps) + bn.running_mean.float()
+        x = unpack_patches(x, rows, cols)
         return to_uint8_images(self.vae.decode(x.to(self.vae.dtype), return_dict=False)[0])

@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch, to_uint8_images
+from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch, to_uint8_images, unpack_patches
 
 TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
             "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
@@ -66,19 +66,6 @@ class QwenImageModel(FlowModel):
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         return (batch, self.image_seq_len(height, width), 4 * self.latent_channels)
 
-    def _grid(self, tokens: int, image_size: tuple[int, int] | None) -> tuple[int, int]:
-        if image_size is None:
-            side = int(round(tokens ** 0.5))
-            if side * side != tokens:
-                raise ValueError(f"{tokens} latent tokens are not a square grid: pass image_size=(height, width)")
-            return side, side
-        self._check_size(*image_size)
-        rows, cols = (size // (2 * self.vae_scale_factor) for size in image_size)
-        if rows * cols != tokens:
-            raise ValueError(f"latents have {tokens} tokens but a {image_size[0]}x{image_size[1]} image has "
-                             f"{rows * cols}")
-        return rows, cols
-
     def velocity(
         self,
         latents: torch.Tensor,
@@ -100,12 +87,8 @@ class QwenImageModel(FlowModel):
         timestep = sigma_batch(sigma, batch, self.device).to(self.dtype)
         cfg = float(guidance_scale) > 1.0
         if cfg:
-            if negative is None:
-                raise ValueError(f"Qwen-Image with guidance_scale={guidance_scale} needs negative embeddings "
-                                 f"(model.negative_embeds())")
-            embeds = PromptEmbeds.cat([self._batch_embeds(negative, batch, "negative"), embeds])
-            x, timestep = torch.cat([x, x]), torch.cat([timestep, timestep])
-        rows, cols = self._grid(tokens, image_size)
+            x, timestep, embeds = self._with_negative(x, timestep, embeds, negative, guidance_scale)
+        rows, cols = self._token_grid(tokens, image_size)
         out = self.transformer(hidden_states=x, timestep=timestep, guidance=None,
                                encoder_hidden_states=embeds.prompt_embeds, encoder_hidden_states_mask=embeds.mask,
                                img_shapes=[[(1, rows, cols)]] * len(x), return_dict=False)[0].float()
@@ -119,11 +102,8 @@ class QwenImageModel(FlowModel):
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Unpack to (B, C, 1, H/8, W/8), undo the per-channel normalisation, decode the first frame, quantise."""
         self._require("vae")
-        rows, cols = self._grid(latents.shape[1], (height, width))
-        batch, _, packed = latents.shape
-        channels = packed // 4
-        x = latents.to(self.device, torch.float32).view(batch, rows, cols, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
-        x = x.reshape(batch, channels, 1, 2 * rows, 2 * cols)
+        rows, cols = self._token_grid(latents.shape[1], (height, width))
+        x = unpack_patches(latents.to(self.device, torch.float32), rows, cols).unsqueeze(2)  # one frame
         config = self.vae.config
         mean = torch.tensor(config.latents_mean, device=self.device).view(1, -1, 1, 1, 1)
         std = torch.tensor(config.latents_std, device=self.device).view(1, -1, 1, 1, 1)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch, to_uint8_images
+from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch
 
 
 class SD3Model(FlowModel):
@@ -82,12 +82,7 @@ class SD3Model(FlowModel):
         timestep = 1000 * sigma_batch(sigma, batch, self.device)  # SD3 takes timesteps in [0, 1000]
         cfg = float(guidance_scale) != 1.0
         if cfg:
-            if negative is None:
-                raise ValueError(
-                    f"SD3 with guidance_scale={guidance_scale} needs negative embeddings (model.negative_embeds())"
-                )
-            embeds = PromptEmbeds.cat([self._batch_embeds(negative, batch, "negative"), embeds])
-            x, timestep = torch.cat([x, x]), torch.cat([timestep, timestep])
+            x, timestep, embeds = self._with_negative(x, timestep, embeds, negative, guidance_scale)
         out = self.transformer(
             hidden_states=x,
             timestep=timestep,
@@ -107,6 +102,4 @@ class SD3Model(FlowModel):
         expected = self.latent_shape(latents.shape[0], height, width)
         if tuple(latents.shape) != expected:
             raise ValueError(f"latents of shape {tuple(latents.shape)} do not decode to {height}x{width}: {expected}")
-        config = self.vae.config
-        latents = latents.to(self.device, torch.float32) / config.scaling_factor + config.shift_factor
-        return to_uint8_images(self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0])
+        return self._decode_scaled(latents)

@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, ZImageTransformer2DModel
 from transformers import Qwen2Tokenizer, Qwen3Model
 
-from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch, to_uint8_images
+from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch
 
 
 class ZImageModel(FlowModel):
@@ -96,6 +96,4 @@ class ZImageModel(FlowModel):
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         """Undo the VAE scaling and shift, decode, and quantise to uint8 (B, H, W, 3)."""
         self._require("vae")
-        config = self.vae.config
-        latents = latents.to(self.device, torch.float32) / config.scaling_factor + config.shift_factor
-        return to_uint8_images(self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0])
+        return self._decode_scaled(latents)
