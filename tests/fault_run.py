@@ -104,11 +104,22 @@ def main(out: Path, model: Path) -> dict:
             break
         time.sleep(1)
     report = {"history": history, "said": said, "requeued": job.pool.requeued, "counters": counters,
-              "metrics": metrics, "rollout_pids": rollout_pids,
-              "rollout_pids_after": ray.get([w.pid.remote() for w in job.pool.workers])}
+              "metrics": metrics, "rollout_pids": rollout_pids, "rollout_pids_after": pids_once_up(job.pool.workers)}
     job.shutdown()
     ray.shutdown()
     return report
+
+
+def pids_once_up(workers: list, timeout_s: float = 120.0) -> list[int]:
+    """The workers' process ids, waiting for one that Ray is still restarting (a slow start on a busy machine)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get([w.pid.remote() for w in workers])
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 if __name__ == "__main__":
