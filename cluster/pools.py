@@ -21,7 +21,7 @@ from ray.util import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from cluster.config import PoolConfig, RestartablePoolConfig
-from cluster.quiet import QUIET_RUNTIME_ENV
+from cluster.quiet import quiet_runtime_env
 
 EPSILON = 1e-9
 
@@ -123,7 +123,7 @@ class ActorPool:
         group, index = self._free.pop(0)
         handle = self._actor_class.options(
             num_cpus=self.cfg.num_cpus_per_actor, num_gpus=self.cfg.num_gpus_per_actor, resources=self.cfg.resources,
-            max_restarts=self._restarts, runtime_env=QUIET_RUNTIME_ENV,
+            max_restarts=self._restarts, runtime_env=quiet_runtime_env(),
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
         ).remote(*args, **kwargs)
         self._held[handle._actor_id] = (handle, group, index)
@@ -138,7 +138,7 @@ class ActorPool:
         group, index = self._free[0]
         return ray.remote(_on_node).options(
             num_cpus=self.cfg.num_cpus_per_actor, num_gpus=self.cfg.num_gpus_per_actor, resources=self.cfg.resources,
-            max_retries=0, runtime_env=QUIET_RUNTIME_ENV,
+            max_retries=0, runtime_env=quiet_runtime_env(),
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
         ).remote(fn, *args)
 
@@ -179,4 +179,5 @@ def service_actor(actor_cls: type, name: str, *args: Any, exclusive: bool = Fals
     process that created it. An existing one of that name is returned, unless `exclusive`: then ValueError."""
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     return ray.remote(actor_cls).options(name=name, num_cpus=0, get_if_exists=not exclusive,
-                                         runtime_env=QUIET_RUNTIME_ENV, scheduling_strategy=here).remote(*args, **kwargs)
+                                         runtime_env=quiet_runtime_env(),
+                                         scheduling_strategy=here).remote(*args, **kwargs)

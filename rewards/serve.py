@@ -34,7 +34,7 @@ def make_server(scorer: Scorer, host: str = "127.0.0.1", port: int = 0) -> Threa
             self.wfile.write(data)
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            if self.path.rstrip("/").endswith("/health") or self.path == "/health":
+            if self.path.rstrip("/").endswith("/health"):
                 self._answer(200, {"scorer": scorer.name})
             else:
                 self._answer(404, {"error": f"GET {self.path}: only /health; POST images to score them"})

@@ -57,7 +57,8 @@ class PromptEmbeds:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PromptEmbeds:
         """The same embeddings on another device and/or in another dtype (the mask stays bool)."""
-        return PromptEmbeds(self.prompt_embeds.to(device=device, dtype=dtype), self.pooled.to(device=device, dtype=dtype),
+        return PromptEmbeds(self.prompt_embeds.to(device=device, dtype=dtype),
+                            self.pooled.to(device=device, dtype=dtype),
                             None if self.mask is None else self.mask.to(device=device))
 
     def index_select(self, index: Sequence[int] | torch.Tensor) -> PromptEmbeds:

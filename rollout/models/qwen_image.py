@@ -12,8 +12,8 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
 from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch, to_uint8_images, unpack_patches
 
-TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
-            "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+            "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
             "<|im_start|>assistant\n")
 TEMPLATE_TOKENS = 34  # what the pipeline drops of each prompt's hidden states: the template's prefix (real tokenizer)
 TOKENIZER_MAX_LENGTH = 1024
