@@ -46,6 +46,7 @@ def start_ray(cfg: RayConfig, metrics_port: int | None = None) -> str:
     if os.environ.get(LOOPBACK_ENV) != "0":
         raise RuntimeError(f"{LOOPBACK_ENV}=0 must be set before `import ray`, or a local Ray listens on every address")
     context = ray.init(
+        address="local",  # a new Ray of this job's own, never a cluster another process left running here
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
         include_dashboard=cfg.include_dashboard,
