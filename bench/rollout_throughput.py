@@ -33,6 +33,8 @@ from rollout.prompts.files import builtin_prompts  # noqa: E402
 from rollout.prompts.groups import GroupSampler  # noqa: E402
 
 GUIDANCE = {"flux": 3.5, "sd3": 4.5}
+# cluster/tiny.yaml's adapter names FLUX modules; SD3's transformer has the attention projections only
+LORA_TARGETS = {"flux": None, "sd3": "[to_q, to_k, to_v, to_out.0]"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,6 +58,7 @@ def job_config(args: argparse.Namespace, path: str) -> JobConfig:
         f"sampler.guidance_scale={GUIDANCE[args.family]}", f"data.group_size={args.batch}",
         f"data.images_per_iteration={args.batch}", "learner.micro_batch_size=1",
         f"rollout.samples_per_forward={args.batch}", f"rollout.num_cpus_per_actor={args.cpus_per_worker}",
+        *([f"learner.lora.target_modules={LORA_TARGETS[args.family]}"] if LORA_TARGETS[args.family] else []),
     ])
 
 

@@ -51,15 +51,8 @@ from learner.loss import UpdateStats, adapter_disabled, log_prob_scale, step_los
 from rollout.models.contract import FlowModel, PromptEmbeds
 from rollout.models.loading import load_configured
 from rollout.sampling.trajectory import Trajectories
-from rollout.weights import (
-    PackedState,
-    add_lora,
-    apply_policy_state,
-    policy_state,
-    publish_weights,
-    put_buckets,
-    split_buckets,
-)
+from rollout.policy import add_lora, apply_policy_state, policy_state
+from rollout.weights import PackedState, publish_weights, put_buckets, split_buckets
 
 
 class LearnerActor(ForwardTraining, DistributedActor):

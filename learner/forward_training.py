@@ -19,7 +19,7 @@ from learner.forward_batch import FinalBatch, forward_step_loss, noised_inputs
 from learner.forward_objectives import old_adapter_decay, prox_adapter_decay, soft_update
 from learner.loss import UpdateStats, adapter_disabled
 from rollout.sampling.forward import guided_velocity
-from rollout.weights import apply_policy_state, policy_state
+from rollout.policy import apply_policy_state, policy_state
 
 
 class ForwardTraining:

@@ -18,7 +18,8 @@ from rollout.models.loading import load_configured
 from rollout.prompts.groups import PromptGroup
 from rollout.sampling.loop import RolloutSampler
 from rollout.sampling.trajectory import SamplerSettings, Trajectories
-from rollout.weights import PackedState, add_lora, apply_policy_state, fetch_state, policy_state
+from rollout.policy import add_lora, apply_policy_state, policy_state
+from rollout.weights import PackedState, fetch_state
 
 
 class RolloutWorker:

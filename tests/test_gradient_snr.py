@@ -62,7 +62,7 @@ def test_per_group_gradients_of_each_objective_on_a_quick_base_model(tmp_path, o
     from cluster.config_loading import load_config
     from rollout.models.loading import load_flow_model
     from rollout.shapes.base_model import quick_settings
-    from rollout.weights import add_lora
+    from rollout.policy import add_lora
 
     load_bench("shapes_base").shapes_base(tmp_path / "base", quick_settings())
     cfg = load_config(micro_snr.CONFIG, [f"model.path={tmp_path / 'base'}", "data.group_size=4",

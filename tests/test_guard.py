@@ -128,7 +128,7 @@ def test_the_learner_trains_with_the_normalised_ratio(ray_local, tiny_model_dirs
     from cluster.config_loading import validate_config
     from learner.actor import LearnerActor
     from learner.group import ActorGroup
-    from rollout.weights import add_lora
+    from rollout.policy import add_lora
 
     lora = {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
     cfg = validate_config(dict(

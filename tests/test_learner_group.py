@@ -16,7 +16,8 @@ from rollout.models.loading import load_flow_model
 from rollout.prompts.groups import PromptGroup
 from rollout.sampling.loop import RolloutSampler
 from rollout.sampling.trajectory import SamplerSettings
-from rollout.weights import add_lora, fetch_state, weight_store
+from rollout.policy import add_lora
+from rollout.weights import fetch_state, weight_store
 
 LORA = {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
 

@@ -15,7 +15,7 @@ from rollout.prompts.groups import PromptGroup
 from rollout.sampling.forward import score_step
 from rollout.sampling.loop import RolloutSampler
 from rollout.sampling.trajectory import SamplerSettings
-from rollout.weights import add_lora
+from rollout.policy import add_lora
 
 LORA = LoraConfig(rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
 SAMPLES_PER_FORWARD, NUM_STEPS = 2, 3

@@ -339,3 +339,24 @@ def test_cached_hub_id_loads_from_the_cache(offline_hub, tiny_model_dirs):
     (repo / "refs" / "main").write_text(commit)
     model = load_flow_model("tiny-org/tiny-sd3", "sd3", parts=("transformer",))
     assert model.transformer.config.in_channels == 16
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3"])
+def test_conditioning_built_once_gives_the_velocity_of_plain_embeddings(models, family):
+    """The sampler's per-group conditioning (guidance rows joined once) and the learner's plain embeddings give the same
+    velocity bit for bit; a conditioning built for another batch size is refused."""
+    model = models[family]
+    embeds, latents = model.encode_prompts(PROMPTS[:1]), _noise(model.latent_shape(3, SIZE, SIZE))
+    negative = model.negative_embeds() if model.true_cfg else None
+    guidance = GUIDANCE[family]
+    cond = model.conditioning(embeds, negative, 3, guidance)
+    assert cond.guided == (family == "sd3") and len(cond.embeds) == (6 if cond.guided else 3)
+    if cond.guided:  # [negative, positive]: the rows StableDiffusion3Pipeline stacks
+        assert torch.equal(cond.embeds.prompt_embeds[0], negative.prompt_embeds[0])
+        assert torch.equal(cond.embeds.prompt_embeds[3], embeds.prompt_embeds[0])
+    with torch.no_grad():
+        plain = model.velocity(latents, 0.6, embeds, guidance_scale=guidance, negative=negative)
+        built = model.velocity(latents, torch.tensor(0.6), cond, guidance_scale=guidance)
+    assert torch.equal(plain, built)
+    with pytest.raises(ValueError, match="conditioning for a batch of 3 latents used with 2"):
+        model.velocity(latents[:2], 0.6, cond, guidance_scale=guidance)

@@ -98,7 +98,7 @@ def test_a_new_policy_version_changes_images_and_an_older_one_is_ignored(pool, s
 
 def _lora_state(ray, worker) -> dict[str, torch.Tensor]:
     """The worker's LoRA state under its peft names, read inside the actor."""
-    from rollout.weights import policy_state
+    from rollout.policy import policy_state
 
     return ray.get(worker.__ray_call__.remote(lambda self: policy_state(self._sampler.model.transformer, "lora")))
 

@@ -7,11 +7,9 @@ import torch
 
 from cluster.config import LoraConfig
 from rollout.models.loading import load_flow_model
+from rollout.policy import add_lora, apply_policy_state, policy_state
 from rollout.weights import (
-    add_lora,
-    apply_policy_state,
     pack_state,
-    policy_state,
     fetch_state,
     publish_weights,
     unpack_state,

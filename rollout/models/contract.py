@@ -93,6 +93,22 @@ class PromptEmbeds:
         return PromptEmbeds(torch.cat(embeds), pooled, torch.cat(masks))
 
 
+@dataclass(frozen=True)
+class Conditioning:
+    """The text conditioning of one transformer forward, ready to use: on the model's device and dtype, one row per
+    latent, and with classifier-free guidance (`guided`) the negative rows joined to the positive ones in the order
+    the family's forward takes them (2B rows). `FlowModel.conditioning` builds it; a sampler builds it once per group
+    and batch size instead of at every step."""
+
+    embeds: PromptEmbeds
+    guided: bool
+
+    @property
+    def batch(self) -> int:
+        """The latents one forward with this conditioning takes."""
+        return len(self.embeds) // 2 if self.guided else len(self.embeds)
+
+
 def sigma_batch(sigma: float | torch.Tensor, batch: int, device: torch.device | str) -> torch.Tensor:
     """Noise level(s) as a float32 (B,) tensor: a scalar is broadcast to the batch."""
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
@@ -113,9 +129,10 @@ def unpack_patches(latents: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def to_uint8_images(decoded: torch.Tensor) -> torch.Tensor:
-    """VAE output in [-1, 1], (B, 3, H, W) -> uint8 (B, H, W, 3) on CPU, rounded as diffusers' image processor does."""
+    """VAE output in [-1, 1], (B, 3, H, W) -> uint8 (B, H, W, 3) on its device, rounded as diffusers' image processor
+    does."""
     images = (decoded.float() / 2 + 0.5).clamp(0, 1)
-    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu()
+    return (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
 class FlowModel(abc.ABC):
@@ -126,6 +143,7 @@ class FlowModel(abc.ABC):
     # True when guidance is classifier-free (needs negative embeddings), False for a guidance embedding.
     true_cfg: ClassVar[bool]
     negative_prompt: ClassVar[str] = ""  # the prompt whose velocity classifier-free guidance pushes away from
+    negative_first: ClassVar[bool] = True  # guided forwards take [negative, positive] rows (else [positive, negative])
     default_max_sequence_length: ClassVar[int]
     # subfolder -> (part, loader class): what `loading.load_flow_model` loads for each part.
     components: ClassVar[dict[str, tuple[str, type]]]
@@ -213,15 +231,37 @@ class FlowModel(abc.ABC):
         latents = latents.to(self.device, torch.float32) / config.scaling_factor + config.shift_factor
         return to_uint8_images(self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0])
 
-    def _with_negative(self, x: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds,
-                       negative: PromptEmbeds | None, guidance_scale: float
-                       ) -> tuple[torch.Tensor, torch.Tensor, PromptEmbeds]:
-        """Inputs of one batched guided forward: [negative, positive] along the batch."""
+    def guides(self, guidance_scale: float) -> bool:
+        """Whether this guidance scale runs the negative prompt beside the positive one (classifier-free guidance)."""
+        return False
+
+    def conditioning(self, embeds: PromptEmbeds, negative: PromptEmbeds | None, batch: int,
+                     guidance_scale: float) -> Conditioning:
+        """The conditioning of a forward over `batch` latents with these prompt (and negative) embeddings."""
+        embeds = self._batch_embeds(embeds, batch, "prompt")
+        if not self.guides(guidance_scale):
+            return Conditioning(embeds, guided=False)
         if negative is None:
             raise ValueError(f"{self.family} with guidance_scale={guidance_scale} needs negative embeddings "
                              f"(model.negative_embeds())")
-        embeds = PromptEmbeds.cat([self._batch_embeds(negative, len(x), "negative"), embeds])
-        return torch.cat([x, x]), torch.cat([timestep, timestep]), embeds
+        negative = self._batch_embeds(negative, batch, "negative")
+        rows = [negative, embeds] if self.negative_first else [embeds, negative]
+        return Conditioning(PromptEmbeds.cat(rows), guided=True)
+
+    def _conditioned(self, x: torch.Tensor, timestep: torch.Tensor, embeds: PromptEmbeds | Conditioning,
+                     negative: PromptEmbeds | None, guidance_scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, Conditioning]:
+        """Inputs of one forward: the latents and timesteps repeated for the guidance rows, and the conditioning
+        (built here from plain embeddings, or checked when it was built once for many steps)."""
+        if isinstance(embeds, Conditioning):
+            cond = embeds
+            if cond.batch != len(x):
+                raise ValueError(f"conditioning for a batch of {cond.batch} latents used with {len(x)}")
+        else:
+            cond = self.conditioning(embeds, negative, len(x), guidance_scale)
+        if cond.guided:
+            x, timestep = torch.cat([x, x]), torch.cat([timestep, timestep])
+        return x, timestep, cond
 
     def _batch_embeds(self, embeds: PromptEmbeds, batch: int, what: str) -> PromptEmbeds:
         """Embeddings with one row per latent (a single row is broadcast), on the model's device and dtype."""
@@ -253,14 +293,16 @@ class FlowModel(abc.ABC):
         self,
         latents: torch.Tensor,
         sigma: float | torch.Tensor,
-        embeds: PromptEmbeds,
+        embeds: PromptEmbeds | Conditioning,
         *,
         guidance_scale: float,
         negative: PromptEmbeds | None = None,
         image_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Predicted velocity (float32, shape of `latents`) at noise level `sigma`, with guidance; differentiable."""
+        """Predicted velocity (float32, shape of `latents`) at noise level `sigma`, with guidance; differentiable.
+
+        `embeds`: the prompts' embeddings (with `negative` for guidance), or a `Conditioning` built for this batch."""
 
     @abc.abstractmethod
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Final latents -> uint8 images (B, H, W, 3) on CPU."""
+        """Final latents -> uint8 images (B, H, W, 3) on the model's device."""

@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch, unpack_patches
+from rollout.models.contract import Conditioning, FlowModel, PromptEmbeds, sigma_batch, unpack_patches
 
 
 class FluxModel(FlowModel):
@@ -47,16 +47,16 @@ class FluxModel(FlowModel):
 
     def _image_ids(self, rows: int, cols: int) -> torch.Tensor:
         """Position ids (0, row, col) of each packed token, as FluxPipeline builds img_ids."""
-        ids = torch.zeros(rows, cols, 3)
-        ids[..., 1] = torch.arange(rows)[:, None]
-        ids[..., 2] = torch.arange(cols)[None, :]
-        return ids.reshape(rows * cols, 3).to(device=self.device, dtype=self.dtype)
+        ids = torch.zeros(rows, cols, 3, device=self.device)  # built on the device: no host copy per step
+        ids[..., 1] = torch.arange(rows, device=self.device)[:, None]
+        ids[..., 2] = torch.arange(cols, device=self.device)[None, :]
+        return ids.reshape(rows * cols, 3).to(self.dtype)
 
     def velocity(
         self,
         latents: torch.Tensor,
         sigma: float | torch.Tensor,
-        embeds: PromptEmbeds,
+        embeds: PromptEmbeds | Conditioning,
         *,
         guidance_scale: float,
         negative: PromptEmbeds | None = None,
@@ -72,17 +72,19 @@ class FluxModel(FlowModel):
         if latents.ndim != 3:
             raise ValueError(f"FLUX latents must be packed (B, tokens, channels), got shape {tuple(latents.shape)}")
         batch, tokens, _ = latents.shape
-        embeds = self._batch_embeds(embeds, batch, "prompt")
+        timestep = sigma_batch(sigma, batch, self.device).to(self.dtype)  # t in [0, 1]: the model scales by 1000
+        x, timestep, cond = self._conditioned(latents.to(self.device, self.dtype), timestep, embeds, None,
+                                              guidance_scale)  # never guided: FLUX.1 has no negative rows
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((batch,), float(guidance_scale), dtype=torch.float32, device=self.device)
         out = self.transformer(
-            hidden_states=latents.to(self.device, self.dtype),
-            timestep=sigma_batch(sigma, batch, self.device).to(self.dtype),  # t in [0, 1]: the model scales by 1000
+            hidden_states=x,
+            timestep=timestep,
             guidance=guidance,
-            pooled_projections=embeds.pooled,
-            encoder_hidden_states=embeds.prompt_embeds,
-            txt_ids=torch.zeros(embeds.prompt_embeds.shape[1], 3, device=self.device, dtype=self.dtype),
+            pooled_projections=cond.embeds.pooled,
+            encoder_hidden_states=cond.embeds.prompt_embeds,
+            txt_ids=torch.zeros(cond.embeds.prompt_embeds.shape[1], 3, device=self.device, dtype=self.dtype),
             img_ids=self._image_ids(*self._token_grid(tokens, image_size)),
             return_dict=False,
         )[0]

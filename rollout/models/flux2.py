@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
 from transformers import Qwen2Tokenizer, Qwen3ForCausalLM
 
-from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch, to_uint8_images, unpack_patches
+from rollout.models.contract import Conditioning, FlowModel, PromptEmbeds, sigma_batch, to_uint8_images, unpack_patches
 
 HIDDEN_LAYERS = (9, 18, 27)  # the text encoder's hidden states the pipeline stacks into the conditioning
 
@@ -57,18 +57,21 @@ class Flux2Model(FlowModel):
 
     def _ids(self, rows: int, cols: int, text_length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Position ids (t, h, w, l): (0, row, col, 0) per image token, (0, 0, 0, i) per text token."""
-        image = torch.zeros(rows, cols, 4)
-        image[..., 1] = torch.arange(rows)[:, None]
-        image[..., 2] = torch.arange(cols)[None, :]
-        text = torch.zeros(text_length, 4)
-        text[:, 3] = torch.arange(text_length)
-        return image.reshape(rows * cols, 4).to(self.device), text.to(self.device)
+        image = torch.zeros(rows, cols, 4, device=self.device)  # built on the device: no host copy per step
+        image[..., 1] = torch.arange(rows, device=self.device)[:, None]
+        image[..., 2] = torch.arange(cols, device=self.device)[None, :]
+        text = torch.zeros(text_length, 4, device=self.device)
+        text[:, 3] = torch.arange(text_length, device=self.device)
+        return image.reshape(rows * cols, 4), text
+
+    def guides(self, guidance_scale: float) -> bool:
+        return float(guidance_scale) > 1.0
 
     def velocity(
         self,
         latents: torch.Tensor,
         sigma: float | torch.Tensor,
-        embeds: PromptEmbeds,
+        embeds: PromptEmbeds | Conditioning,
         *,
         guidance_scale: float,
         negative: PromptEmbeds | None = None,
@@ -80,17 +83,14 @@ class Flux2Model(FlowModel):
         if latents.ndim != 3:
             raise ValueError(f"FLUX.2 latents must be packed (B, tokens, channels), got shape {tuple(latents.shape)}")
         batch, tokens, _ = latents.shape
-        embeds = self._batch_embeds(embeds, batch, "prompt")
-        x = latents.to(self.device, self.dtype)
         timestep = sigma_batch(sigma, batch, self.device).to(self.dtype)  # t in [0, 1]: the model scales by 1000
-        cfg = float(guidance_scale) > 1.0
-        if cfg:
-            x, timestep, embeds = self._with_negative(x, timestep, embeds, negative, guidance_scale)
-        image_ids, text_ids = self._ids(*self._token_grid(tokens, image_size), embeds.prompt_embeds.shape[1])
+        x, timestep, cond = self._conditioned(latents.to(self.device, self.dtype), timestep, embeds, negative,
+                                              guidance_scale)
+        image_ids, text_ids = self._ids(*self._token_grid(tokens, image_size), cond.embeds.prompt_embeds.shape[1])
         out = self.transformer(hidden_states=x, timestep=timestep, guidance=None,
-                               encoder_hidden_states=embeds.prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
+                               encoder_hidden_states=cond.embeds.prompt_embeds, txt_ids=text_ids, img_ids=image_ids,
                                return_dict=False)[0].float()
-        if not cfg:
+        if not cond.guided:
             return out
         v_uncond, v_cond = out.chunk(2)
         return v_uncond + guidance_scale * (v_cond - v_uncond)

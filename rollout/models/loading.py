@@ -139,6 +139,14 @@ def locate_model(
     return folder, wanted
 
 
+def without_cudnn_attention() -> None:
+    """Attention through flash / memory-efficient SDPA kernels, not cuDNN's, in this process: on an H200 with torch
+    2.11, cuDNN's attention backward returned NaN and then failed (illegal memory access) in FLUX.1's LoRA update
+    (bench/gpu_check.py). Rollout and learner both load their models here, so both run the same kernels and an
+    unchanged policy recomputes its log-probs exactly."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def load_flow_model(
     path: str,
     family: str,
@@ -172,6 +180,8 @@ def load_flow_model(
         scheduler_config = schedules.read_config(folder, family)
     except ValueError as err:
         raise ModelLoadError(f"the {family} model at {path}: {err}") from err
+    if torch.device(device).type == "cuda":
+        without_cudnn_attention()
     return model_class(modules, dtype=dtype, device=device, max_sequence_length=max_sequence_length,
                        scheduler_config=scheduler_config)
 

@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
 
-from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch, to_uint8_images, unpack_patches
+from rollout.models.contract import Conditioning, FlowModel, PromptEmbeds, sigma_batch, to_uint8_images, unpack_patches
 
 TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
             "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
@@ -66,11 +66,14 @@ class QwenImageModel(FlowModel):
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, ...]:
         return (batch, self.image_seq_len(height, width), 4 * self.latent_channels)
 
+    def guides(self, guidance_scale: float) -> bool:
+        return float(guidance_scale) > 1.0
+
     def velocity(
         self,
         latents: torch.Tensor,
         sigma: float | torch.Tensor,
-        embeds: PromptEmbeds,
+        embeds: PromptEmbeds | Conditioning,
         *,
         guidance_scale: float,
         negative: PromptEmbeds | None = None,
@@ -82,17 +85,15 @@ class QwenImageModel(FlowModel):
         if latents.ndim != 3:
             raise ValueError(f"Qwen-Image latents must be packed (B, tokens, channels), got {tuple(latents.shape)}")
         batch, tokens, _ = latents.shape
-        embeds = self._batch_embeds(embeds, batch, "prompt")
-        x = latents.to(self.device, self.dtype)
         timestep = sigma_batch(sigma, batch, self.device).to(self.dtype)
-        cfg = float(guidance_scale) > 1.0
-        if cfg:
-            x, timestep, embeds = self._with_negative(x, timestep, embeds, negative, guidance_scale)
+        x, timestep, cond = self._conditioned(latents.to(self.device, self.dtype), timestep, embeds, negative,
+                                              guidance_scale)
         rows, cols = self._token_grid(tokens, image_size)
         out = self.transformer(hidden_states=x, timestep=timestep, guidance=None,
-                               encoder_hidden_states=embeds.prompt_embeds, encoder_hidden_states_mask=embeds.mask,
+                               encoder_hidden_states=cond.embeds.prompt_embeds,
+                               encoder_hidden_states_mask=cond.embeds.mask,
                                img_shapes=[[(1, rows, cols)]] * len(x), return_dict=False)[0].float()
-        if not cfg:
+        if not cond.guided:
             return out
         v_uncond, v_cond = out.chunk(2)
         combined = v_uncond + guidance_scale * (v_cond - v_uncond)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch
+from rollout.models.contract import Conditioning, FlowModel, PromptEmbeds, sigma_batch
 
 
 class SD3Model(FlowModel):
@@ -59,11 +59,14 @@ class SD3Model(FlowModel):
         factor = self.vae_scale_factor
         return (batch, self.latent_channels, height // factor, width // factor)
 
+    def guides(self, guidance_scale: float) -> bool:
+        return float(guidance_scale) != 1.0
+
     def velocity(
         self,
         latents: torch.Tensor,
         sigma: float | torch.Tensor,
-        embeds: PromptEmbeds,
+        embeds: PromptEmbeds | Conditioning,
         *,
         guidance_scale: float,
         negative: PromptEmbeds | None = None,
@@ -77,20 +80,17 @@ class SD3Model(FlowModel):
         if latents.ndim != 4:
             raise ValueError(f"SD3 latents must be (B, C, H/8, W/8), got shape {tuple(latents.shape)}")
         batch = latents.shape[0]
-        embeds = self._batch_embeds(embeds, batch, "prompt")
-        x = latents.to(self.device, self.dtype)
         timestep = 1000 * sigma_batch(sigma, batch, self.device)  # SD3 takes timesteps in [0, 1000]
-        cfg = float(guidance_scale) != 1.0
-        if cfg:
-            x, timestep, embeds = self._with_negative(x, timestep, embeds, negative, guidance_scale)
+        x, timestep, cond = self._conditioned(latents.to(self.device, self.dtype), timestep, embeds, negative,
+                                              guidance_scale)
         out = self.transformer(
             hidden_states=x,
             timestep=timestep,
-            encoder_hidden_states=embeds.prompt_embeds,
-            pooled_projections=embeds.pooled,
+            encoder_hidden_states=cond.embeds.prompt_embeds,
+            pooled_projections=cond.embeds.pooled,
             return_dict=False,
         )[0].float()
-        if not cfg:
+        if not cond.guided:
             return out
         v_uncond, v_cond = out.chunk(2)
         return v_uncond + guidance_scale * (v_cond - v_uncond)

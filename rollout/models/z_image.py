@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, ZImageTransformer2DModel
 from transformers import Qwen2Tokenizer, Qwen3Model
 
-from rollout.models.contract import FlowModel, PromptEmbeds, sigma_batch
+from rollout.models.contract import Conditioning, FlowModel, PromptEmbeds, sigma_batch
 
 
 class ZImageModel(FlowModel):
@@ -20,6 +20,7 @@ class ZImageModel(FlowModel):
     family = "z_image"
     pipeline = "ZImagePipeline"
     true_cfg = True
+    negative_first = False  # its guided forward takes the positive rows first
     default_max_sequence_length = 512
     components = {
         "tokenizer": ("text", Qwen2Tokenizer),
@@ -58,11 +59,14 @@ class ZImageModel(FlowModel):
             return list(embeds.prompt_embeds.unbind(0))
         return [e[m] for e, m in zip(embeds.prompt_embeds, embeds.mask)]
 
+    def guides(self, guidance_scale: float) -> bool:
+        return float(guidance_scale) > 0.0
+
     def velocity(
         self,
         latents: torch.Tensor,
         sigma: float | torch.Tensor,
-        embeds: PromptEmbeds,
+        embeds: PromptEmbeds | Conditioning,
         *,
         guidance_scale: float,
         negative: PromptEmbeds | None = None,
@@ -74,20 +78,12 @@ class ZImageModel(FlowModel):
         if latents.ndim != 4:
             raise ValueError(f"Z-Image latents must be (B, C, H/8, W/8), got shape {tuple(latents.shape)}")
         batch = latents.shape[0]
-        embeds = self._batch_embeds(embeds, batch, "prompt")
-        x = latents.to(self.device, self.dtype)
         time = 1 - sigma_batch(sigma, batch, self.device)  # the model's time runs from 0 (noise) to 1 (image)
-        captions = self._rows(embeds)
-        cfg = float(guidance_scale) > 0.0
-        if cfg:
-            if negative is None:
-                raise ValueError(f"Z-Image with guidance_scale={guidance_scale} needs negative embeddings "
-                                 f"(model.negative_embeds())")
-            captions += self._rows(self._batch_embeds(negative, batch, "negative"))
-            x, time = torch.cat([x, x]), torch.cat([time, time])
-        out = self.transformer(list(x.unsqueeze(2).unbind(0)), time.to(self.dtype), captions, return_dict=False)[0]
+        x, time, cond = self._conditioned(latents.to(self.device, self.dtype), time, embeds, negative, guidance_scale)
+        out = self.transformer(list(x.unsqueeze(2).unbind(0)), time.to(self.dtype), self._rows(cond.embeds),
+                               return_dict=False)[0]
         out = -torch.stack([o.float() for o in out]).squeeze(2)
-        if not cfg:
+        if not cond.guided:
             return out
         v_cond, v_uncond = out.chunk(2)
         return v_cond + guidance_scale * (v_cond - v_uncond)

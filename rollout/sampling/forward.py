@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rollout.models.contract import FlowModel, PromptEmbeds
+from rollout.models.contract import Conditioning, FlowModel, PromptEmbeds
 from rollout.sampling.steps import StepOutput, step
 from rollout.sampling.trajectory import SamplerSettings
 
@@ -17,11 +17,12 @@ def guided_velocity(
     model: FlowModel,
     x: torch.Tensor,
     sigma: torch.Tensor | float,
-    embeds: PromptEmbeds,
+    embeds: PromptEmbeds | Conditioning,
     negative: PromptEmbeds | None,
     settings: SamplerSettings,
 ) -> torch.Tensor:
-    """The model's velocity with the configured guidance (the negative prompt only for true-CFG models)."""
+    """The model's velocity with the configured guidance (the negative prompt only for true-CFG models); `embeds` may
+    be a `Conditioning` the caller built once for many steps."""
     return model.velocity(
         x, sigma, embeds,
         guidance_scale=settings.guidance_scale,
