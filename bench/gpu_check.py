@@ -243,6 +243,9 @@ def mfu(flops: float, seconds: float, device: Device) -> float:
 
 @dataclass
 class Case:
+    """What one family is checked at: its job config, sampler settings, rollout chunk, learner micro-batch and the
+    prompt's text tokens."""
+
     family: str
     cfg: JobConfig
     settings: SamplerSettings
@@ -252,7 +255,8 @@ class Case:
 
 
 def case(family: str, tiny: bool) -> Case:
-    """The shipped config of `family` (cluster/<family>.yaml); tiny: 64 px, 4 steps, 2 samples per forward."""
+    """The shipped config of `family` (cluster/<family>.yaml), sampled without a Fast window or shared initial noise
+    and recording at most 2 steps (the ratios use the first); tiny: 64 px, 4 steps, 2 samples per forward."""
     overrides = ["model.resolution=64", "sampler.num_steps=4", "rollout.samples_per_forward=2",
                  "learner.micro_batch_size=2", "learner.num_actors=1", "learner.updates_per_iteration=1",
                  "data.group_size=2", "data.images_per_iteration=2"] if tiny else []
