@@ -233,6 +233,11 @@ def counted_flops(fn: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
+def per_step(syncs: int | str, steps: int) -> float | str:
+    """A sync count over a whole sampling call as a per-step figure (a reason stays as it is)."""
+    return syncs if isinstance(syncs, str) else syncs / steps
+
+
 def mfu(flops: float, seconds: float, device: Device) -> float:
     return flops / seconds / (device.peak_tflops * 1e12)
 
@@ -476,11 +481,10 @@ def check_family(family: str, args: argparse.Namespace, device: Device, deadline
 
     c = case(family, args.tiny)
     s, lc = c.settings, c.cfg.learner
-    dtype = torch.bfloat16
     results["shape"] = f"{s.height} px / {s.num_steps} / {s.guidance_scale:g} / {c.chunk} / {c.micro}"
     print(f"[gpu_check] {family}: building the transformer and VAE ({'tiny' if args.tiny else 'real size'})",
           flush=True)
-    model = build(family, args.tiny, device, dtype, c.text_tokens)
+    model = build(family, args.tiny, device, torch.bfloat16, c.text_tokens)
     results["parameters_b"] = sum(p.numel() for p in model.transformer.parameters()) / 1e9
     state: dict[str, Any] = {}
     share = deadline  # this family's end: set once the rollout shows its speed
@@ -505,10 +509,9 @@ def check_family(family: str, args: argparse.Namespace, device: Device, deadline
         state.update(sampler=sampler, forward_flops=forward)
         return {"rollout_images_per_s": c.chunk / seconds,
                 "rollout_mfu": mfu(s.num_steps * forward + decode, seconds, device),
-                "syncs_per_step": syncs["syncs"] if isinstance(syncs["syncs"], str) else syncs["syncs"] / s.num_steps,
-                "_seconds": seconds}
+                "syncs_per_step": per_step(syncs["syncs"], s.num_steps)}
 
-    take(("rollout_images_per_s", "rollout_mfu", "syncs_per_step", "_seconds"), rollout)
+    take(("rollout_images_per_s", "rollout_mfu", "syncs_per_step"), rollout)
     if "record" not in state:
         return results
     remaining = max(1, len(args.families) - args.families.index(family))
@@ -521,8 +524,7 @@ def check_family(family: str, args: argparse.Namespace, device: Device, deadline
             seconds = device.timed(call)
         images_per_s = c.chunk / seconds
         return {"ode_images_per_s": images_per_s, "rollout_vs_ode": results["rollout_images_per_s"] / images_per_s,
-                "ode_syncs_per_step": syncs["syncs"] if isinstance(syncs["syncs"], str)
-                else syncs["syncs"] / s.num_steps}
+                "ode_syncs_per_step": per_step(syncs["syncs"], s.num_steps)}
 
     take(("ode_images_per_s", "rollout_vs_ode", "ode_syncs_per_step"), ode)
 
@@ -632,7 +634,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results = results["_all"] if isinstance(results["_all"], dict) else \
                 {key: results["_all"] for key, _ in METRICS}
         results["seconds"] = time.perf_counter() - family_started
-        results.pop("_seconds", None)
         report["families"][family] = results
         print(f"[gpu_check] {family} done in {results['seconds']:.0f} s", flush=True)
         if args.json is not None:  # after every family: a run cut short keeps what it measured

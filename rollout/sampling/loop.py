@@ -67,8 +67,8 @@ class RolloutSampler:
     """Samples whole prompt groups with one loaded model and records the trained steps.
 
     Nothing crosses between host and device inside the step loop: the noise is drawn on the device, the noise levels
-    the transformer takes are moved there once, each batch size's conditioning (guidance rows included) is built once
-    per group, and the recorded steps and images stay on the device until the group is done.
+    the transformer takes are moved there once per sampler, each batch size's conditioning (guidance rows included) is
+    built once per group, and the recorded steps and images stay on the device until the group is done.
     """
 
     def __init__(self, model: FlowModel, settings: SamplerSettings, run_seed: int) -> None:
@@ -76,15 +76,16 @@ class RolloutSampler:
         self.settings = settings
         self.run_seed = run_seed
         self.sigmas = model.sigmas(settings.num_steps, settings.height, settings.width)
+        self.levels = self.sigmas.to(model.device)  # the noise levels the transformer takes, on its device
         self.negative = model.negative_embeds() if model.true_cfg else None
 
-    def _velocity(self, x: torch.Tensor, levels: torch.Tensor, index: int, conditioning: dict[int, Conditioning],
+    def _velocity(self, x: torch.Tensor, index: int, conditioning: dict[int, Conditioning],
                   embeds: PromptEmbeds) -> torch.Tensor:
         """The guided velocity at step `index`, with the batch size's conditioning built on first use."""
         if len(x) not in conditioning:
             conditioning[len(x)] = self.model.conditioning(embeds, self.negative, len(x),
                                                            self.settings.guidance_scale)
-        return guided_velocity(self.model, x, levels[index], conditioning[len(x)], self.negative, self.settings)
+        return guided_velocity(self.model, x, self.levels[index], conditioning[len(x)], self.negative, self.settings)
 
     @torch.no_grad()
     def sample_group(self, group: PromptGroup, policy_version: int = 0) -> Trajectories | FinalSamples:
@@ -97,7 +98,6 @@ class RolloutSampler:
         position = {index: k for k, index in enumerate(recorded)}
         kinds = [s.kind if (index in position or not s.fast_window_size) else "ode" for index in range(s.num_steps)]
         embeds = model.encode_prompts([group.prompt])
-        levels = self.sigmas.to(device)  # the transformer's noise levels, moved once
         conditioning: dict[int, Conditioning] = {}
 
         latent = model.latent_shape(1, s.height, s.width)[1:]
@@ -107,7 +107,7 @@ class RolloutSampler:
         first = recorded[0] if s.fast_window_size and s.same_initial_noise else 0  # the first step not shared
         shared = initial[0][None]
         for index in range(first):  # the group's common ODE prefix, once
-            v = self._velocity(shared, levels, index, conditioning, embeds)
+            v = self._velocity(shared, index, conditioning, embeds)
             shared = step("ode", shared, v, self.sigmas, index, noise_level=0.0,
                           log_prob_form=s.log_prob_form).prev_sample
 
@@ -121,7 +121,7 @@ class RolloutSampler:
             x = shared.expand(len(chunk), *latent).clone() if first else torch.stack([initial[i] for i in chunk])
             for index in range(first, s.num_steps):
                 kind = kinds[index]
-                v = self._velocity(x, levels, index, conditioning, embeds)
+                v = self._velocity(x, index, conditioning, embeds)
                 noise = None
                 if kind != "ode":
                     noise = torch.stack([signs[i] * torch.randn(latent, generator=generators[i], device=device)
@@ -162,6 +162,7 @@ class RolloutSampler:
             raise ValueError(f"{len(prompts)} evaluation prompts but {len(seeds)} seeds")
         s, model = self.settings, self.model
         sigmas = model.sigmas(num_steps, s.height, s.width)
+        levels = sigmas.to(model.device)
         latent = model.latent_shape(1, s.height, s.width)[1:]
         images = []
         for start in range(0, len(prompts), batch_size):
@@ -169,8 +170,7 @@ class RolloutSampler:
             embeds = model.encode_prompts([prompts[i] for i in batch])
             x = torch.stack([torch.randn(latent, generator=torch.Generator().manual_seed(seeds[i])) for i in batch])
             x = x.to(model.device)
-            levels, conditioning = sigmas.to(model.device), model.conditioning(embeds, self.negative, len(x),
-                                                                                s.guidance_scale)
+            conditioning = model.conditioning(embeds, self.negative, len(x), s.guidance_scale)
             for index in range(num_steps):
                 v = guided_velocity(model, x, levels[index], conditioning, self.negative, s)
                 x = step("ode", x, v, sigmas, index, noise_level=0.0, log_prob_form=s.log_prob_form).prev_sample
