@@ -62,6 +62,7 @@ from learner.batch import micro_batch, score_recorded_step  # noqa: E402
 from learner.loss import adapter_disabled, log_prob_scale, step_loss  # noqa: E402
 from rollout.models.contract import FlowModel, PromptEmbeds  # noqa: E402
 from rollout.models.loading import adapter, without_cudnn_attention  # noqa: E402
+from rollout.models.random_init import prompt_tokens, random_module, text_widths, with_random_text  # noqa: E402
 from rollout.models.schedules import DEFAULT_CONFIGS  # noqa: E402
 from rollout.policy import add_lora  # noqa: E402
 from rollout.prompts.groups import PromptGroup  # noqa: E402
@@ -72,10 +73,6 @@ from rollout.sampling.trajectory import SamplerSettings, Trajectories  # noqa: E
 
 FAMILIES = ("sd3", "flux2", "z_image", "flux", "qwen_image")  # smallest first: a short budget loses the largest
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0}  # dense, datasheets
-# The text tokens a prompt gives each family's transformer: padded to the pipeline's length, or (Qwen-Image, Z-Image)
-# a typical prompt's own length.
-TEXT_TOKENS = {"flux": 512, "sd3": 77 + 256, "flux2": 512, "qwen_image": 64, "z_image": 64}
-PADDED = ("flux", "sd3", "flux2")  # families whose prompts (the negative one too) are padded to one length
 TINY_TEXT_TOKENS = 16
 FP32_SAMPLES = 2
 METRICS = (  # (key, label) in table order
@@ -270,17 +267,7 @@ def case(family: str, tiny: bool) -> Case:
     settings = replace(settings, trained_steps=min(settings.trained_steps, 2))  # recorded steps the ratios use
     chunk = min(cfg.rollout.samples_per_forward, cfg.data.group_size)
     return Case(family, cfg, settings, chunk, min(cfg.learner.micro_batch_size, chunk),
-                TINY_TEXT_TOKENS if tiny else TEXT_TOKENS[family])
-
-
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+                TINY_TEXT_TOKENS if tiny else prompt_tokens(family, cfg.model.max_sequence_length))
 
 
 def module_configs(family: str, tiny: bool) -> tuple[dict, dict]:
@@ -296,43 +283,15 @@ def module_configs(family: str, tiny: bool) -> tuple[dict, dict]:
     return REAL_CONFIGS[family]["transformer"], REAL_CONFIGS[family]["vae"]
 
 
-def text_widths(family: str, config: dict) -> tuple[int, int]:
-    """(prompt embedding width, pooled width) the family's transformer takes."""
-    if family in ("flux", "sd3"):
-        return config["joint_attention_dim"], config["pooled_projection_dim"]
-    if family == "z_image":
-        return config["cap_feat_dim"], 0
-    return config["joint_attention_dim"], 0
-
-
-def random_text_model(family: str, modules: dict, dtype: torch.dtype, device: torch.device, tokens: int,
-                      widths: tuple[int, int]) -> FlowModel:
-    """The family's adapter with random prompt embeddings (a fixed tensor per prompt) in place of its text encoders."""
-    base = adapter(family)
-
-    class RandomText(base):
-        def encode_prompts(self, prompts):
-            rows = []
-            for prompt in ([prompts] if isinstance(prompts, str) else prompts):
-                generator = torch.Generator().manual_seed(sum(map(ord, prompt)) + 1)
-                short = not prompt.strip() and family not in PADDED  # an unpadded negative prompt is short
-                length = max(4, tokens // 8) if short else tokens
-                rows.append(PromptEmbeds(torch.randn(1, length, widths[0], generator=generator),
-                                         torch.randn(1, widths[1], generator=generator)).to(self.device, self.dtype))
-            return PromptEmbeds.cat(rows)
-
-    return RandomText(modules, dtype=dtype, device=device)
-
-
 def build(family: str, tiny: bool, device: Device, dtype: torch.dtype, tokens: int) -> FlowModel:
+    """The family's transformer and VAE with random weights on the device, random prompt embeddings for its text
+    encoders (rollout/models/random_init.py, as `model.init: random` builds them)."""
     transformer_config, vae_config = module_configs(family, tiny)
     parts = adapter(family).components
-    torch.manual_seed(0)
-    with torch.device(device.torch), default_dtype(dtype):
-        transformer = parts["transformer"][1].from_config(transformer_config).eval().requires_grad_(False)
-        vae = parts["vae"][1].from_config(vae_config).eval().requires_grad_(False)
-    return random_text_model(family, {"transformer": transformer, "vae": vae}, dtype, device.torch, tokens,
-                             text_widths(family, transformer_config))
+    modules = {name: random_module(parts[name][1], config, dtype=dtype, device=device.torch, seed=0, name=name)
+               for name, config in (("transformer", transformer_config), ("vae", vae_config))}
+    model_class = with_random_text(adapter(family), tokens, text_widths(family, transformer_config))
+    return model_class(modules, dtype=dtype, device=device.torch)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 # The one list of each vocabulary: the config's choices below and the code that dispatches on them derive from these.
 MODEL_FAMILIES = ("flux", "sd3", "flux2", "qwen_image", "z_image")
+MODEL_INITS = ("pretrained", "random")  # rollout/models/loading.py
 STEP_KINDS = ("ode", "sde", "dance", "cps", "sde_exact")  # MATH.md "Step rules"; only "ode" has no log-prob
 TRAINABLE_KINDS = tuple(kind for kind in STEP_KINDS if kind != "ode")
 GUARD_KINDS = ("sde", "sde_exact")  # the rules GRPO-Guard normalises (MATH.md "GRPO-Guard")
@@ -49,6 +50,13 @@ class ModelConfig(Section):
     path: str = Field(description="a local diffusers folder or a hub id")
     build_tiny: bool = Field(False, description="build the offline tiny model of this family at `path` if it is missing")
     tiny_seed: int = 0
+    init: Literal[MODEL_INITS] = Field(
+        "pretrained", description="pretrained: the weights in `path`; random: the components built from the configs "
+        "in `path` with random weights, directly on the actor's device (text encoders without a config there: random "
+        "prompt embeddings of their shapes), the same weights in every process (rollout/models/random_init.py)")
+    init_seed: int = Field(0, description="init random: the seed of the random weights")
+    compile: bool = Field(False, description="torch.compile each transformer block (regional compilation), in the "
+                          "rollout and the learner alike")
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
     allow_download: bool = Field(False, description="let from_pretrained fetch a hub id (off: local folder or cache only)")
     resolution: int = Field(512, ge=16, description="image height and width in pixels, a multiple of 16")

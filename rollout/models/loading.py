@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from cluster.config import MODEL_FAMILIES, ModelConfig
+from rollout.models.random_init import load_random_component, prompt_tokens, text_widths, with_random_text
 from rollout.models import schedules
 from rollout.models.contract import FlowModel
 from rollout.models.flux import FluxModel
@@ -107,10 +108,12 @@ def _load_component(cls: type, folder: Path, subfolder: str, dtype: torch.dtype)
 
 
 def locate_model(
-    path: str, family: str, *, allow_download: bool = False, parts: Collection[str] = PARTS
+    path: str, family: str, *, allow_download: bool = False, parts: Collection[str] = PARTS,
+    random_init: bool = False,
 ) -> tuple[Path, dict[str, type]]:
     """The local folder holding the model's `parts` (resolving a hub id through the cache) and the component classes
-    to load from it; ModelLoadError, naming what is missing, before anything is loaded."""
+    to load from it; ModelLoadError, naming what is missing, before anything is loaded. With `random_init` only the
+    configs are needed, and a folder with none of the text components leaves them out (random prompt embeddings)."""
     model_class = adapter(family)
     unknown = set(parts) - set(PARTS)
     if unknown or not parts:
@@ -130,6 +133,10 @@ def locate_model(
             )
         folder = _resolve_hub_id(str(path), wanted, allow_download)
     problems = {sub: why for sub, cls in wanted.items() if (why := _component_problem(folder / sub, cls))}
+    text = [sub for sub, (part, _) in model_class.components.items() if part == "text" and sub in wanted]
+    if random_init and text and all(problems.get(sub) == "missing" for sub in text):
+        wanted = {sub: cls for sub, cls in wanted.items() if sub not in text}
+        problems = {sub: why for sub, why in problems.items() if sub not in text}
     if problems:
         listed = "; ".join(f"subfolder {sub!r} {why}" for sub, why in problems.items())
         raise ModelLoadError(
@@ -156,19 +163,26 @@ def load_flow_model(
     allow_download: bool = False,
     parts: Collection[str] = PARTS,
     max_sequence_length: int | None = None,
+    random_seed: int | None = None,
 ) -> FlowModel:
-    """Load a FLUX.1 / SD3.5 model from a local diffusers folder or a hub id; `parts` picks what to load.
+    """Load a model of `family` from a local diffusers folder or a hub id; `parts` picks what to load.
 
     A path that is not an existing folder is taken as a hub id and read from the local Hugging Face cache, or
     downloaded (only the needed subfolders) when `allow_download`. The learner loads only ("transformer",).
+    With `random_seed`, the modules are built from their configs with random weights on `device`
+    (rollout/models/random_init.py), and text encoders without configs become random prompt embeddings.
     """
     model_class = adapter(family)
-    folder, wanted = locate_model(path, family, allow_download=allow_download, parts=parts)
+    folder, wanted = locate_model(path, family, allow_download=allow_download, parts=parts,
+                                  random_init=random_seed is not None)
 
     modules: dict[str, Any] = {}
     for sub, cls in wanted.items():
         try:
-            module = _load_component(cls, folder, sub, dtype)
+            if random_seed is not None and issubclass(cls, torch.nn.Module):
+                module = load_random_component(cls, folder, sub, dtype=dtype, device=device, seed=random_seed)
+            else:
+                module = _load_component(cls, folder, sub, dtype)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"could not load {sub!r} of the {family} model at {path}: {err}") from err
         if isinstance(module, torch.nn.Module):
@@ -176,6 +190,10 @@ def load_flow_model(
             if sub != "transformer":  # frozen: only the transformer is ever trained
                 module.requires_grad_(False)
         modules[sub] = module
+    if "text" in parts and not any(model_class.components[sub][0] == "text" for sub in wanted):
+        transformer_config = model_class.components["transformer"][1].load_config(str(folder), subfolder="transformer")
+        tokens = prompt_tokens(family, max_sequence_length or model_class.default_max_sequence_length)
+        model_class = with_random_text(model_class, tokens, text_widths(family, transformer_config))
     try:
         scheduler_config = schedules.read_config(folder, family)
     except ValueError as err:
@@ -197,12 +215,19 @@ def locate_configured(m: ModelConfig, parts: Collection[str] = PARTS) -> tuple[P
         except OSError as e:
             raise ModelLoadError(f"model.path {m.path!r}: cannot build the tiny model there ({e}); give a folder "
                                  f"that can be created") from None
-    return locate_model(m.path, m.family, allow_download=m.allow_download, parts=parts)
+    return locate_model(m.path, m.family, allow_download=m.allow_download, parts=parts,
+                        random_init=m.init == "random")
 
 
 def load_configured(m: ModelConfig, *, dtype: torch.dtype, device: str,
                     parts: Collection[str] = PARTS) -> FlowModel:
     """The job's model (`parts` of it) in `dtype` on `device`, found as `locate_configured` finds it."""
     folder, _ = locate_configured(m, parts)
-    return load_flow_model(str(folder), m.family, dtype=dtype, device=device, parts=parts,
-                           max_sequence_length=m.max_sequence_length)
+    model = load_flow_model(str(folder), m.family, dtype=dtype, device=device, parts=parts,
+                            max_sequence_length=m.max_sequence_length,
+                            random_seed=m.init_seed if m.init == "random" else None)
+    if m.compile and model.transformer is not None:
+        from rollout.models.compile import compile_blocks
+
+        compile_blocks(model.transformer)
+    return model
