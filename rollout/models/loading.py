@@ -223,11 +223,6 @@ def load_configured(m: ModelConfig, *, dtype: torch.dtype, device: str,
                     parts: Collection[str] = PARTS) -> FlowModel:
     """The job's model (`parts` of it) in `dtype` on `device`, found as `locate_configured` finds it."""
     folder, _ = locate_configured(m, parts)
-    model = load_flow_model(str(folder), m.family, dtype=dtype, device=device, parts=parts,
-                            max_sequence_length=m.max_sequence_length,
-                            random_seed=m.init_seed if m.init == "random" else None)
-    if m.compile and model.transformer is not None:
-        from rollout.models.compile import compile_blocks
-
-        compile_blocks(model.transformer)
-    return model
+    return load_flow_model(str(folder), m.family, dtype=dtype, device=device, parts=parts,
+                           max_sequence_length=m.max_sequence_length,
+                           random_seed=m.init_seed if m.init == "random" else None)
