@@ -7,14 +7,17 @@ The packages are the Requires-Dist closure (no extras; markers evaluated for the
 Linux x86_64) of NEEDS, read from this environment's installed metadata, minus the closure of TARGET_HAS. Versions are
 pinned from constraints.txt. Each is downloaded as a binary wheel for the target; one without a binary wheel is built
 here with `pip wheel --no-deps` and must come out pure Python (py3-none-any). Ray's wheel is repacked without its Java
-jars and JavaScript source maps. The folder must stay under --max-mib (it travels with the repository, 64 MiB in all).
+jars, JavaScript source maps and the AI libraries the job does not use (RLlib, Data, Serve, Tune, Train, LLM),
+its native binaries stripped of the symbols dynamic linking does not need. The folder must stay under --max-mib (it travels with the repository, 64 MiB in all).
 Everything is built in a temporary folder next to --out and moved there only when complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
+import hashlib
 import os
 import re
 import shutil
@@ -30,8 +33,9 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-# What the job imports that the device machine lacks: Ray, DeepSpeed, diffusers, pydantic (config), PyYAML (configs).
-NEEDS = ("ray", "deepspeed", "diffusers", "pydantic", "pyyaml")
+# What the job imports that the device machine lacks: Ray, DeepSpeed, diffusers, pydantic (config). (PyYAML comes
+# with transformers.)
+NEEDS = ("ray", "deepspeed", "diffusers", "pydantic")
 # What the device machine already has (docs of the lent machine, /work/.library/device/README.md, and its brief).
 TARGET_HAS = ("torch", "transformers", "peft", "safetensors", "prometheus-client", "psutil", "msgpack", "grpcio",
               "aiohttp", "ninja")
@@ -99,33 +103,70 @@ def constraints(path: Path = ROOT / "constraints.txt") -> dict[str, str]:
     return pins
 
 
+def jars_and_maps(package: str) -> Callable[[str], bool]:
+    """Drop rule: `package`'s Java jars (package/jars/*) and every JavaScript source map (*.js.map)."""
+    return lambda name: name.startswith(f"{package}/jars/") or name.endswith(".js.map")
+
+
+# Ray's libraries the job never imports (it uses Ray core: tasks, actors, placement groups, the object store).
+RAY_LIBRARIES = ("rllib", "data", "serve", "tune", "train", "llm")
+
+
 def ray_drop(name: str) -> bool:
-    """Entries left out of Ray's wheel: the Java workers' jars (unused by Python jobs) and JavaScript source maps."""
-    return name.startswith("ray/jars/") or name.endswith(".js.map")
+    """Ray's Java workers (unused by Python jobs), source maps (debugging only) and its AI libraries."""
+    return jars_and_maps("ray")(name) or name.startswith(tuple(f"ray/{lib}/" for lib in RAY_LIBRARIES))
 
 
-def repack_wheel(src: Path, dst: Path, drop: Callable[[str], bool]) -> list[str]:
-    """Copy wheel `src` to `dst` without the entries `drop` selects and without their lines in *.dist-info/RECORD
-    (the other lines unchanged); every other entry keeps its bytes and ZipInfo (dates, permission bits), deflated.
-    Returns the dropped names."""
+def strip_elf(name: str, data: bytes) -> bytes:
+    """An ELF binary or shared library without the symbols dynamic linking does not need (`strip --strip-unneeded`,
+    as distributions ship their binaries); anything else unchanged."""
+    if not data.startswith(b"\x7fELF"):
+        return data
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "binary"
+        path.write_bytes(data)
+        done = subprocess.run(["strip", "--strip-unneeded", str(path)], capture_output=True, text=True)
+        if done.returncode != 0:
+            fail(f"strip {name}: {done.stderr.strip()}")
+        return path.read_bytes()
+
+
+def record_line(name: str, data: bytes) -> str:
+    """A RECORD line: name, sha256 (urlsafe base64 without padding), size."""
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{name},sha256={digest},{len(data)}\n"
+
+
+def repack_wheel(src: Path, dst: Path, drop: Callable[[str], bool],
+                 rewrite: Callable[[str, bytes], bytes] = lambda name, data: data) -> list[str]:
+    """Copy wheel `src` to `dst` without the entries `drop` selects, each other entry's bytes passed through
+    `rewrite`; *.dist-info/RECORD loses the dropped entries' lines and gets new ones for rewritten entries (the other
+    lines unchanged). Every entry keeps its ZipInfo (dates, permission bits), deflated. Returns the dropped names."""
     with zipfile.ZipFile(src) as zin:
         dropped = [info.filename for info in zin.infolist() if drop(info.filename)]
         gone = set(dropped)
+        kept = [info for info in zin.infolist() if info.filename not in gone]
+        is_record = [re.fullmatch(r"[^/]+\.dist-info/RECORD", info.filename) is not None for info in kept]
+        contents, changed = {}, {}
+        for info, record in zip(kept, is_record):
+            data = zin.read(info)
+            contents[info.filename] = data if record else rewrite(info.filename, data)
+            if contents[info.filename] != data:
+                changed[info.filename] = record_line(info.filename, contents[info.filename])
         with zipfile.ZipFile(dst, "w") as zout:
-            for info in zin.infolist():
-                if info.filename in gone:
-                    continue
-                data = zin.read(info)
-                if re.fullmatch(r"[^/]+\.dist-info/RECORD", info.filename):
+            for info, record in zip(kept, is_record):
+                data = contents[info.filename]
+                if record:
                     lines = data.decode().splitlines(keepends=True)
-                    data = "".join(l for l in lines if next(csv.reader([l]), [""])[0] not in gone).encode()
+                    names = [next(csv.reader([line]), [""])[0] for line in lines]
+                    data = "".join(changed.get(n, line) for n, line in zip(names, lines) if n not in gone).encode()
                 zout.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED, compresslevel=9)
     return dropped
 
 
-def pip(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def pip(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, DS_BUILD_OPS="0", PIP_DISABLE_PIP_VERSION_CHECK="1")
-    return subprocess.run([sys.executable, "-m", "pip", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "pip", *args], env=env, capture_output=True, text=True)
 
 
 def fetch_wheel(name: str, version: str, args: argparse.Namespace, into: Path) -> Path:
@@ -193,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
         fail(f"not pinned in constraints.txt: {', '.join(missing)}")
     log(f"{len(chosen)} packages for CPython {args.python_version} (the device has {len(have)}, left out):")
     for name, why in chosen.items():
-        log(f"  {name}=={pins[name]:<12} {why}")
+        log(f"  {name + '==' + pins[name]:<36} {why}")
     log("left out, the device has them: " + ", ".join(
         f"{n} ({'listed' if have[n] == 'need' else have[n]})" for n in wanted if n in have))
 
@@ -204,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in chosen:
             wheel = fetch_wheel(name, pins[name], args, work / name)
             if name == "ray":
-                dropped = repack_wheel(wheel, bundle / wheel.name, ray_drop)
+                dropped = repack_wheel(wheel, bundle / wheel.name, ray_drop, strip_elf)
                 log(f"{wheel.name}: {wheel.stat().st_size / 2**20:.1f} MiB -> "
                     f"{(bundle / wheel.name).stat().st_size / 2**20:.1f} MiB without {len(dropped)} entries")
             else:
@@ -216,9 +257,10 @@ def main(argv: list[str] | None = None) -> None:
 
         sizes = sorted(((p.stat().st_size / 2**20, p.name) for p in bundle.iterdir()), reverse=True)
         total = sum(s for s, _ in sizes)
+        width = max(len(name) for _, name in sizes)
         for size, name in sorted(sizes, key=lambda s: s[1]):
-            log(f"  {name:<70} {size:7.2f} MiB")
-        log(f"  {'total':<70} {total:7.2f} MiB (limit {args.max_mib:g})")
+            log(f"  {name:<{width}} {size:7.2f} MiB")
+        log(f"  {'total':<{width}} {total:7.2f} MiB (limit {args.max_mib:g})")
         if total > args.max_mib:
             largest = ", ".join(f"{n} {s:.1f} MiB" for s, n in sizes[:5])
             fail(f"{total:.1f} MiB is over --max-mib {args.max_mib:g}; nothing written to {args.out}. "

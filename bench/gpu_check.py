@@ -24,10 +24,30 @@ text encoders give. Per family it measures
   log-probs with the learner's recompute; fp32 (the transformer cast to fp32) re-runs one sampling step of 2 samples
   and recomputes it; each with the rollout's batch layout and with single-sample micro-batches.
 
+Then the levers, each measured off and on in the same run, after everything above (compiling changes the model for
+what follows), with the job's LoRA and gradient checkpointing on, as the job runs:
+
+- compile (`model.compile`, rollout/models/compile.py): the blocks compiled (default mode), one untimed
+  `sample_group` to compile and warm up, then one timed: images/s, rollout MFU, speed-up over the eager sampler
+  (timed just before, same LoRA) and over the diffusers loop above (eager, no LoRA). Goal: sampler ≥ 1.3× the
+  diffusers loop on FLUX.1 and SD3.5;
+- |ρ − 1| bf16 in the rollout layout with the compiled model (the compiled rollout's steps recomputed by the compiled
+  learner forward). Goal: 0, as eager (at worst within the 1e-3 of single-sample micro-batches);
+- compiled LoRA update: seconds, learner MFU and speed-up over the eager LoRA update above. Goal: faster than eager;
+- CUDA graphs: as compile with mode="reduce-overhead" (two untimed calls: warm-up and recording). Goal: above compile;
+- fused optimizer: the (eager) LoRA update with AdamW(fused=True) against foreach=True. Goal: no slower;
+- micro-batch from memory: the largest learner micro-batch (powers of two up to 4× the rollout chunk, samples
+  repeated past it) whose eager LoRA update peaks within 85 % of the device memory, tried in increasing order up to
+  the first that does not fit; its update seconds and MFU. Goal: MFU above the configured micro-batch's.
+
+Compiling is static-shaped: the rollout chunk and each micro-batch size compile once (not timed). `--tiny` compiles
+only the first family (a cold inductor cache takes a minute a family on CPU): the others report "skipped: tiny run
+compiles one family".
+
 It prints one table (metric × family) and writes JSON. A measurement that fails is reported with its error; one that
 the time budget leaves out is reported as skipped. `--budget-s` bounds the whole run: the families run from the
 smallest up, and a family's optional measurements (diffusers loop, no checkpointing, fp32, full fine-tuning) are left
-out once it has used its share.
+out once it has used its share, as are the levers.
 """
 
 from __future__ import annotations
@@ -60,6 +80,7 @@ from cluster.config import JobConfig  # noqa: E402
 from cluster.config_loading import load_config  # noqa: E402
 from learner.batch import micro_batch, score_recorded_step  # noqa: E402
 from learner.loss import adapter_disabled, log_prob_scale, step_loss  # noqa: E402
+from rollout.models.compile import compile_blocks, decompile_blocks  # noqa: E402
 from rollout.models.contract import FlowModel, PromptEmbeds  # noqa: E402
 from rollout.models.loading import adapter, without_cudnn_attention  # noqa: E402
 from rollout.models.random_init import prompt_tokens, random_module, text_widths, with_random_text  # noqa: E402
@@ -75,6 +96,25 @@ FAMILIES = ("sd3", "flux2", "z_image", "flux", "qwen_image")  # smallest first: 
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0}  # dense, datasheets
 TINY_TEXT_TOKENS = 16
 FP32_SAMPLES = 2
+LEVER_METRICS = (  # the levers, after the rest with the job's LoRA, each off and on in the same run
+    ("compile_images_per_s", "compile: rollout images/s (compiled blocks, LoRA)"),
+    ("compile_mfu", "compile: rollout MFU"),
+    ("compile_vs_eager", "compile: compiled / eager sampler speed (same LoRA)"),
+    ("compile_vs_ode", "compile: compiled sampler / diffusers loop speed"),
+    ("compile_ratio_bf16_same", "compile: abs(rho-1) bf16, rollout layout (max / mean)"),
+    ("compile_lora_update_s", "compile: LoRA update s (checkpointing on)"),
+    ("compile_lora_mfu", "compile: learner MFU, LoRA (on)"),
+    ("compile_lora_vs_eager", "compile: eager / compiled LoRA update time"),
+    ("cudagraphs_images_per_s", "CUDA graphs: rollout images/s (reduce-overhead)"),
+    ("cudagraphs_mfu", "CUDA graphs: rollout MFU"),
+    ("cudagraphs_vs_eager", "CUDA graphs: sampler / eager sampler speed"),
+    ("cudagraphs_vs_ode", "CUDA graphs: sampler / diffusers loop speed"),
+    ("fused_update_s", "fused AdamW: LoRA update s (on)"),
+    ("fused_vs_foreach", "fused AdamW: foreach / fused update time"),
+    ("memory_micro_batch", "micro-batch from memory: largest within 85 %"),
+    ("memory_update_s", "micro-batch from memory: LoRA update s (on)"),
+    ("memory_mfu", "micro-batch from memory: learner MFU, LoRA (on)"),
+)
 METRICS = (  # (key, label) in table order
     ("parameters_b", "transformer parameters (billions)"),
     ("shape", "resolution / steps / guidance / chunk / micro-batch"),
@@ -96,9 +136,13 @@ METRICS = (  # (key, label) in table order
     ("ratio_bf16_other", "abs(rho-1) bf16, single samples (max / mean)"),
     ("ratio_fp32_same", "abs(rho-1) fp32, rollout layout (max / mean)"),
     ("ratio_fp32_other", "abs(rho-1) fp32, single samples (max / mean)"),
-)
+) + LEVER_METRICS
+LEVERS = tuple(key for key, _ in LEVER_METRICS)
 OPTIONAL = {"ode_images_per_s", "ode_syncs_per_step", "rollout_vs_ode", "lora_nockpt_update_s", "lora_nockpt_peak_gib",
-            "full_update_s", "full_peak_gib", "full_mfu", "ratio_fp32_same", "ratio_fp32_other"}
+            "full_update_s", "full_peak_gib", "full_mfu", "ratio_fp32_same", "ratio_fp32_other", *LEVERS}
+NO_CUDA = "n/a (no CUDA)"
+TINY_COMPILES = "tiny run compiles one family"  # --tiny: the compile levers of the other families are skipped
+MEMORY_SHARE = 0.85  # of the device memory a learner micro-batch may peak at
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -394,15 +438,17 @@ def fp32_ratios(model: FlowModel, sampler: RolloutSampler, record: Trajectories,
 
 
 def learner_update(model: FlowModel, record: Trajectories, negative: PromptEmbeds | None, c: Case, scale: float,
-                   device: Device, *, full: bool) -> Callable[[], Any]:
-    """One (micro-batch, step) update of the learner's loss: forward, loss, backward, AdamW step."""
+                   device: Device, *, full: bool, micro: int | None = None, fused: bool = False) -> Callable[[], Any]:
+    """One (micro-batch, step) update of the learner's loss: forward, loss, backward, AdamW step (foreach, or fused).
+    `micro`: the micro-batch size (default the case's); past the record's samples they repeat."""
     lc = c.cfg.learner
     beta = 0.0 if full else lc.beta
     transformer = model.transformer
     params = [p for p in transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lc.lr, foreach=True)
-    refs = [(0, i) for i in range(c.micro)]
-    advantages = torch.randn(c.micro, generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.AdamW(params, lr=lc.lr, **({"fused": True} if fused else {"foreach": True}))
+    micro = micro or c.micro
+    refs = [(0, i % record.group_size) for i in range(micro)]
+    advantages = torch.randn(micro, generator=torch.Generator().manual_seed(2))
 
     def update() -> None:
         mb = micro_batch([record], refs, advantages, device.torch)
@@ -465,9 +511,8 @@ def check_family(family: str, args: argparse.Namespace, device: Device, deadline
             decode = counted_flops(lambda: model.decode(x, s.height, s.width))
         with device.counting_syncs() as syncs:
             seconds = device.timed(lambda: state.update(record=sampler.sample_group(group)))
-        state.update(sampler=sampler, forward_flops=forward)
-        return {"rollout_images_per_s": c.chunk / seconds,
-                "rollout_mfu": mfu(s.num_steps * forward + decode, seconds, device),
+        state.update(sampler=sampler, forward_flops=forward, rollout_flops=s.num_steps * forward + decode)
+        return {"rollout_images_per_s": c.chunk / seconds, "rollout_mfu": mfu(state["rollout_flops"], seconds, device),
                 "syncs_per_step": per_step(syncs["syncs"], s.num_steps)}
 
     take(("rollout_images_per_s", "rollout_mfu", "syncs_per_step"), rollout)
@@ -550,7 +595,132 @@ def check_family(family: str, args: argparse.Namespace, device: Device, deadline
         return {"full_update_s": seconds, "full_peak_gib": peak, "full_mfu": mfu(3 * forward_micro, seconds, device)}
 
     take(("full_update_s", "full_peak_gib", "full_mfu"), full)
+    levers(family, args, model, c, state, results, device, take, optional)
     return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The levers: each off and on in the same run, last (compiling changes the model for whatever would follow).
+
+
+Take = Callable[[tuple[str, ...], Callable[[], dict[str, Any]]], None]  # check_family's `take`
+
+
+def levers(family: str, args: argparse.Namespace, model: FlowModel, c: Case, state: dict[str, Any],
+           results: dict[str, Any], device: Device, take: Take, optional: Callable[[], None]) -> None:
+    """The lever rows of one family (module docstring), with the job's LoRA and gradient checkpointing on."""
+    lc = c.cfg.learner
+    transformer, sampler = model.transformer, state["sampler"]
+    record: Trajectories = state["record"]
+    scale = log_prob_scale(lc.log_prob_reduction, record.states[0, 0].numel())
+    group = PromptGroup(group_id=0, prompt="a photo of a cat", metadata={}, seeds=tuple(range(c.chunk)))
+    transformer.requires_grad_(False)  # back to the job's LoRA: `full` deleted the adapter and trained every weight
+    if not getattr(transformer, "peft_config", None):
+        torch.manual_seed(c.cfg.seed)
+        add_lora(transformer, lc.lora)
+    transformer.train(lc.lora.dropout > 0)
+    transformer.enable_gradient_checkpointing()
+    eager: dict[str, float] = {}
+
+    def update_flops(micro: int) -> float:
+        forward = state["forward_flops"] * micro / c.chunk
+        return 2 * forward + (forward if lc.beta > 0 else 0.0)
+
+    def compiling() -> None:
+        optional()
+        if args.tiny and family != args.compiled_family:
+            raise Skipped(TINY_COMPILES)
+
+    def quotient(numerator: Any, denominator: Any) -> Any:
+        """Of two measurements, their quotient, or the reason one of them has none."""
+        return next((v for v in (numerator, denominator) if not is_value(v)), None) or numerator / denominator
+
+    def compiled_sampler(prefix: str, mode: str | None, warmups: int) -> dict[str, Any]:
+        """The sampler with the blocks compiled in `mode` after `warmups` untimed calls; the eager one timed first."""
+        if "sampler_s" not in eager:
+            eager["sampler_s"] = device.timed(lambda: sampler.sample_group(group))
+        compile_blocks(transformer, mode=mode)
+        for _ in range(warmups):
+            sampler.sample_group(group)
+        seconds = device.timed(lambda: state.update({f"{prefix}_record": sampler.sample_group(group)}))
+        return {f"{prefix}_images_per_s": c.chunk / seconds,
+                f"{prefix}_mfu": mfu(state["rollout_flops"], seconds, device),
+                f"{prefix}_vs_eager": eager["sampler_s"] / seconds,
+                f"{prefix}_vs_ode": quotient(c.chunk / seconds, results["ode_images_per_s"])}
+
+    def compiled_rollout() -> dict[str, Any]:
+        compiling()
+        return compiled_sampler("compile", None, warmups=1)
+
+    take(("compile_images_per_s", "compile_mfu", "compile_vs_eager", "compile_vs_ode"), compiled_rollout)
+
+    def compiled_ratio() -> dict[str, Any]:
+        compiling()
+        if "compile_record" not in state:
+            raise Skipped("no compiled rollout")
+        compiled: Trajectories = state["compile_record"]
+        new = recomputed(model, compiled, sampler.negative, in_layout(compiled.group_size, c.chunk), 0, device)
+        return {"compile_ratio_bf16_same": ratio_deviation(new, compiled.log_probs[:, 0], scale)}
+
+    take(("compile_ratio_bf16_same",), compiled_ratio)
+
+    def compiled_lora() -> dict[str, Any]:
+        compiling()
+        compile_blocks(transformer)  # as the learner runs (dynamo's cached graphs of the same mode are reused)
+        seconds, _ = timed_update(learner_update(model, record, sampler.negative, c, scale, device, full=False),
+                                  device)  # the first (untimed) call compiles the micro-batch's graphs
+        return {"compile_lora_update_s": seconds, "compile_lora_mfu": mfu(update_flops(c.micro), seconds, device),
+                "compile_lora_vs_eager": quotient(results["lora_update_s"], seconds)}
+
+    take(("compile_lora_update_s", "compile_lora_mfu", "compile_lora_vs_eager"), compiled_lora)
+
+    def cuda_graphs() -> dict[str, Any]:
+        if not device.cuda:
+            return dict.fromkeys(("cudagraphs_images_per_s", "cudagraphs_mfu", "cudagraphs_vs_eager",
+                                  "cudagraphs_vs_ode"), NO_CUDA)
+        compiling()
+        return compiled_sampler("cudagraphs", "reduce-overhead", warmups=2)  # warm-up, recording, then replays
+
+    take(("cudagraphs_images_per_s", "cudagraphs_mfu", "cudagraphs_vs_eager", "cudagraphs_vs_ode"), cuda_graphs)
+    if decompile_blocks(transformer):  # eager from here on; the cached graphs (and CUDA graph pools) go
+        torch._dynamo.reset()
+
+    def fused_optimizer() -> dict[str, Any]:
+        optional()
+        foreach, _ = timed_update(learner_update(model, record, sampler.negative, c, scale, device, full=False),
+                                  device)
+        fused, _ = timed_update(learner_update(model, record, sampler.negative, c, scale, device, full=False,
+                                               fused=True), device)
+        return {"fused_update_s": fused, "fused_vs_foreach": foreach / fused}
+
+    take(("fused_update_s", "fused_vs_foreach"), fused_optimizer)
+
+    def micro_batch_from_memory() -> dict[str, Any]:
+        keys = ("memory_micro_batch", "memory_update_s", "memory_mfu")
+        if not device.cuda:
+            return dict.fromkeys(keys, NO_CUDA)
+        optional()
+        limit = MEMORY_SHARE * torch.cuda.get_device_properties(device.torch).total_memory / 2**30
+        sizes = sorted({2**i for i in range(int(math.log2(4 * c.chunk)) + 1)} | {c.chunk, 2 * c.chunk, 4 * c.chunk})
+        fits: tuple[int, float] | None = None
+        for size in sizes:
+            out_of_memory = False
+            try:
+                seconds, peak = timed_update(learner_update(model, record, sampler.negative, c, scale, device,
+                                                            full=False, micro=size), device)
+            except torch.cuda.OutOfMemoryError:
+                out_of_memory = True
+            gc.collect()
+            torch.cuda.empty_cache()
+            if out_of_memory or peak > limit:
+                break
+            fits = (size, seconds)
+        if fits is None:
+            raise Skipped(f"no micro-batch fits in {MEMORY_SHARE:.0%} of the device memory")
+        size, seconds = fits
+        return dict(zip(keys, (size, seconds, mfu(update_flops(size), seconds, device))))
+
+    take(("memory_micro_batch", "memory_update_s", "memory_mfu"), micro_batch_from_memory)
 
 
 def isolated(family: str, args: argparse.Namespace, device: str, deadline: float) -> dict[str, Any]:
@@ -563,7 +733,7 @@ def isolated(family: str, args: argparse.Namespace, device: str, deadline: float
         partial = Path(folder) / "results.json"
         command = [sys.executable, __file__, "--families", family, "--partial", str(partial),
                    "--budget-s", f"{max(1.0, deadline - time.perf_counter()):.0f}", "--device", device,
-                   *(["--tiny"] if args.tiny else [])]
+                   "--compiled-family", args.compiled_family, *(["--tiny"] if args.tiny else [])]
         code = subprocess.run(command).returncode
         results = json.loads(partial.read_text()) if partial.is_file() else {}
     for key, _ in METRICS:
@@ -613,8 +783,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", help="torch device (default: cuda when available, cpu with --tiny)")
     ap.add_argument("--json", type=Path, help="write the report here")
     ap.add_argument("--partial", type=Path, help=argparse.SUPPRESS)  # one family in this process, results saved here
+    ap.add_argument("--compiled-family", help=argparse.SUPPRESS)  # --tiny: the one family whose levers compile
     args = ap.parse_args(argv)
     args.families = [f.strip() for f in args.families.split(",") if f.strip()]
+    args.compiled_family = args.compiled_family or (args.families[0] if args.families else None)
     unknown = [f for f in args.families if f not in FAMILIES]
     if unknown or not args.families:
         ap.error(f"--families: unknown {unknown}; allowed: {', '.join(FAMILIES)}")

@@ -177,3 +177,58 @@ REAL_CONFIGS = {
         "parameters": 6_154_908_736,
     },
 }
+
+# PickScore_v1 (yuvalkirstain/PickScore_v1) is OpenCLIP's ViT-H/14 (laion/CLIP-ViT-H-14-laion2B-s32B-b79K) fine-tuned:
+# the published CLIPConfig's sizes. The byte-level tokenizer written beside it (rollout/models/tiny.py) stands in for
+# CLIP's BPE vocabulary, which is not available offline; its ids all lie inside the 49,408-row embedding.
+PICKSCORE_CLIP = {
+    "projection_dim": 1024,
+    "text_config": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
+                    "num_hidden_layers": 24, "max_position_embeddings": 77, "vocab_size": 49408,
+                    "hidden_act": "gelu"},
+    "vision_config": {"hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 16,
+                      "num_hidden_layers": 32, "patch_size": 14, "image_size": 224, "hidden_act": "gelu"},
+}
+TINY_CLIP = {  # the same layout at test size
+    "projection_dim": 16,
+    "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
+                    "max_position_embeddings": 77, "vocab_size": 49408, "hidden_act": "gelu"},
+    "vision_config": {"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 4, "num_hidden_layers": 2,
+                      "patch_size": 8, "image_size": 32, "hidden_act": "gelu"},
+}
+
+
+def write_model_folder(family: str, out):
+    """A diffusers model folder with the published transformer and VAE configs of `family` and no weights: what
+    `model.init: random` builds the real-size model from (its text encoders become random prompt embeddings, its
+    scheduler the family's default)."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    for sub in ("transformer", "vae"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+        (out / sub / "config.json").write_text(json.dumps(REAL_CONFIGS[family][sub], indent=1))
+    return out
+
+
+def write_clip_folder(sizes: dict, out):
+    """A transformers CLIP folder (config.json and an offline processor, no weights) of the given sizes, for a scorer
+    with `init: random`."""
+    from pathlib import Path
+
+    from transformers import CLIPConfig, CLIPProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from rollout.models.tiny import clip_tokenizer
+
+    out = Path(out)
+    tokenizer = clip_tokenizer()
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    CLIPConfig(text_config={**sizes["text_config"], **ids}, vision_config=sizes["vision_config"],
+               projection_dim=sizes["projection_dim"]).save_pretrained(out)
+    side = sizes["vision_config"]["image_size"]
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    return out

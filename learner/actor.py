@@ -48,6 +48,7 @@ from learner.group import DistributedActor
 from learner.grpo import nonzero_advantage_indices
 from learner.lr_schedule import configured_lr
 from learner.loss import UpdateStats, adapter_disabled, log_prob_scale, step_loss
+from rollout.models.compile import compile_blocks
 from rollout.models.contract import FlowModel, PromptEmbeds
 from rollout.models.loading import load_configured
 from rollout.sampling.trajectory import Trajectories
@@ -100,6 +101,8 @@ class LearnerActor(ForwardTraining, DistributedActor):
             transformer.requires_grad_(True)
         if lc.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        if cfg.model.compile:  # after LoRA and checkpointing, before DeepSpeed wraps it: as the rollout samples
+            compile_blocks(transformer)
         self.reference: FlowModel | None = None
         if lc.finetune == "full" and lc.beta > 0:
             self.reference = self._load_model(dtype)

@@ -22,6 +22,8 @@ def summarise(iteration: int, batch: list[Trajectories], rewards: list[GroupRewa
     learner = {k: float(np.mean([u[k] for u in updates])) for k in
                ("loss", "policy_loss", "kl", "clip_frac", "ratio_mean", "ratio_std", "approx_kl", "grad_norm", "lr")
                if k in updates[0]}  # no ratio for nft and awm
+    if "ratio_max_dev" in updates[0]:  # the first update's |ρ − 1| max: on-policy in sync mode, so 0 up to rounding
+        learner["ratio_max_dev_first"] = updates[0]["ratio_max_dev"]
     return {
         "iteration": iteration,
         "policy_version": stats["policy_version"],

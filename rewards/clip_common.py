@@ -70,12 +70,19 @@ def find_pretrained(scorer: str, path: str, *, allow_download: bool, option: str
 
 
 def load_clip_model(scorer: str, path: str, *, dtype: torch.dtype, device: torch.device,
-                    allow_download: bool, option: str = "path") -> Any:
-    """A transformers CLIPModel from a local folder or a hub id, in eval mode, frozen, on `device`."""
-    from transformers import CLIPModel
+                    allow_download: bool, option: str = "path", random_init: bool = False) -> Any:
+    """A transformers CLIPModel from a local folder or a hub id, in eval mode, frozen, on `device`; `random_init`:
+    built from the config there with random weights (seed 0), drawn on `device` in `dtype` (benchmarks)."""
+    from transformers import CLIPConfig, CLIPModel
 
     try:
-        model = CLIPModel.from_pretrained(path, local_files_only=not allow_download, dtype=dtype)
+        if random_init:
+            config = CLIPConfig.from_pretrained(path, local_files_only=not allow_download)
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = CLIPModel._from_config(config, dtype=dtype)
+        else:
+            model = CLIPModel.from_pretrained(path, local_files_only=not allow_download, dtype=dtype)
     except OSError as err:
         if Path(path).is_dir():
             raise RewardLoadError(f"{scorer}: could not load the CLIP model in {path} ({err})") from err

@@ -3,7 +3,8 @@
 Weights: `path` is a transformers CLIP folder or hub id (yuvalkirstain/PickScore_v1). That repository carries no
 processor; in practice PickScore uses the one of laion/CLIP-ViT-H-14-laion2B-s32B-b79K, the default `processor_path`
 (set it to null to read the processor from `path`). Flow-GRPO trains on raw/26 and reports the raw value, which is kept
-as the `raw` metric.
+as the `raw` metric. `init: random` builds the CLIP model from the config in `path` with random weights (benchmarks at
+real size without the weights).
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ class PickScore(Scorer):
 
     @classmethod
     def check(cls, path: str = PICKSCORE_V1, processor_path: str | None = CLIP_H_PROCESSOR, device: str = "cpu",
-              dtype: str = "float32", allow_download: bool = False, scale: float = 26.0, batch_size: int = 16) -> None:
+              dtype: str = "float32", allow_download: bool = False, scale: float = 26.0, batch_size: int = 16,
+              init: str = "pretrained") -> None:
+        if init not in ("pretrained", "random"):
+            raise ValueError(f"{cls.name}: init must be 'pretrained' or 'random', got {init!r}")
         if scale <= 0:
             raise ValueError(f"{cls.name}: scale must be > 0, got {scale}")
         torch_dtype(cls.name, dtype)
@@ -43,12 +47,13 @@ class PickScore(Scorer):
                         option="processor_path" if processor_path else "path")
 
     def __init__(self, path: str = PICKSCORE_V1, processor_path: str | None = CLIP_H_PROCESSOR, device: str = "cpu",
-                 dtype: str = "float32", allow_download: bool = False, scale: float = 26.0, batch_size: int = 16):
+                 dtype: str = "float32", allow_download: bool = False, scale: float = 26.0, batch_size: int = 16,
+                 init: str = "pretrained"):
         self.check(path=path, processor_path=processor_path, device=device, dtype=dtype,
-                   allow_download=allow_download, scale=scale, batch_size=batch_size)
+                   allow_download=allow_download, scale=scale, batch_size=batch_size, init=init)
         dev = torch_device(self.name, device)
         model = load_clip_model(self.name, path, dtype=torch_dtype(self.name, dtype), device=dev,
-                                allow_download=allow_download)
+                                allow_download=allow_download, random_init=init == "random")
         processor = load_clip_processor(self.name, processor_path or path, allow_download=allow_download,
                                         option="processor_path" if processor_path else "path")
         self._setup(model, processor, dev, scale, batch_size)

@@ -13,6 +13,7 @@ import torch
 
 from cluster.config import JobConfig
 from cluster.metrics import Recorder
+from rollout.models.compile import compile_blocks
 from rollout.models.contract import PromptEmbeds
 from rollout.models.loading import load_configured
 from rollout.prompts.groups import PromptGroup
@@ -41,6 +42,8 @@ class RolloutWorker:
         if self._finetune == "lora":
             add_lora(model.transformer, cfg.learner.lora)
         model.transformer.requires_grad_(False).eval()
+        if cfg.model.compile:  # after the LoRA: the same compiled blocks as the learner's recompute
+            compile_blocks(model.transformer)
         self._sampler = RolloutSampler(model, SamplerSettings.from_config(cfg), cfg.seed)
         self._eval = cfg.eval
         self._store: Any = None
