@@ -188,11 +188,12 @@ def formatted(value: Any) -> str:
     return str(value)
 
 
-def table(report: dict[str, Any]) -> str:
-    """One row per metric, one column per family."""
+def table(report: dict[str, Any], metrics: tuple[tuple[str, str], ...] = METRICS, width: int = 60) -> str:
+    """One row per metric (key, label), one column per family; cells cut at `width` characters."""
     families = list(report["families"])
     rows = [["metric", *families]]
-    rows += [[label, *(formatted(report["families"][f].get(key, ""))[:60] for f in families)] for key, label in METRICS]
+    rows += [[label, *(formatted(report["families"][f].get(key, ""))[:width] for f in families)]
+             for key, label in metrics]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")

@@ -346,19 +346,6 @@ def versions() -> dict[str, str]:
     return found
 
 
-def table(report: dict[str, Any]) -> str:
-    from gpu_check import formatted
-
-    families = list(report["families"])
-    rows = [["metric", *families]]
-    rows += [[label, *(formatted(report["families"][f].get(key, ""))[:70] for f in families)]
-             for key, label in METRICS]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated (default {','.join(FAMILIES)})")
@@ -391,7 +378,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = run(args)
     print(f"[gpu_job] {report['device']}, torch {report['torch']}, ray {report['ray']}, deepspeed "
           f"{report['deepspeed']}, diffusers {report['diffusers']}")
-    print(table(report), flush=True)
+    from gpu_check import table
+
+    print(table(report, METRICS, width=70), flush=True)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1))
         print(f"[gpu_job] wrote {args.json}")
