@@ -8,7 +8,8 @@ Linux x86_64) of NEEDS, read from this environment's installed metadata, minus t
 pinned from constraints.txt. Each is downloaded as a binary wheel for the target; one without a binary wheel is built
 here with `pip wheel --no-deps` and must come out pure Python (py3-none-any). Ray's wheel is repacked without its Java
 jars, JavaScript source maps and the AI libraries the job does not use (RLlib, Data, Serve, Tune, Train, LLM),
-its native binaries stripped of the symbols dynamic linking does not need. The folder must stay under --max-mib (it travels with the repository, 64 MiB in all).
+its native binaries stripped of the symbols dynamic linking does not need. The folder must stay under --max-mib (it
+travels with the repository, 64 MiB in all).
 Everything is built in a temporary folder next to --out and moved there only when complete.
 """
 
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # What the job imports that the device machine lacks: Ray, DeepSpeed, diffusers, pydantic (config). (PyYAML comes
 # with transformers.)
 NEEDS = ("ray", "deepspeed", "diffusers", "pydantic")
-# What the device machine already has (docs of the lent machine, /work/.library/device/README.md, and its brief).
+# What the GPU machine already has (PyTorch with CUDA and the packages its image ships); edit for another machine.
 TARGET_HAS = ("torch", "transformers", "peft", "safetensors", "prometheus-client", "psutil", "msgpack", "grpcio",
               "aiohttp", "ninja")
 # manylinux2014 = glibc 2.17; the device's torch wheels are manylinux_2_28, so glibc >= 2.28 is there.

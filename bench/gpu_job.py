@@ -258,8 +258,8 @@ def lora_check(family: str, cfg: dict[str, Any], lora: Path, device: str) -> str
     layers = sum(1 for module in model.transformer.modules() if hasattr(module, "lora_A"))
     saved = load_file(str(lora / "pytorch_lora_weights.safetensors"))
     norm_saved = math.sqrt(sum(float(t.double().square().sum()) for t in saved.values()))
-    norm_loaded = math.sqrt(sum(float(p.double().square().sum()) for name, p in model.transformer.named_parameters()
-                                if "lora_" in name))
+    lora_params = [p.detach() for name, p in model.transformer.named_parameters() if "lora_" in name]
+    norm_loaded = math.sqrt(sum(float(p.double().square().sum()) for p in lora_params))
     change = float((velocity() - before).abs().max() / before.abs().max())
     tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-6
     if layers != len(saved) // 2 or not math.isclose(norm_loaded, norm_saved, rel_tol=tolerance) or not change > 0:
