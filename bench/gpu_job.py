@@ -208,7 +208,7 @@ def mean(values: list[float]) -> float | str:
     return sum(values) / len(values) if values else "n/a (one iteration)"
 
 
-def stage_figures(history: list[dict[str, Any]], cfg: dict[str, Any], seconds: float, gpu: bool) -> dict[str, Any]:
+def stage_figures(history: list[dict[str, Any]], cfg: dict[str, Any], seconds: float) -> dict[str, Any]:
     """Stage seconds (mean over the iterations after the first), images/s, the first update's ratio."""
     steady = history[1:]
     times = {stage: mean([h["times"][stage] for h in steady if stage in h["times"]])
@@ -291,7 +291,7 @@ def check_family(family: str, args: argparse.Namespace, deadline: float) -> dict
     if code != 0 or len(history) != args.iterations:
         reason = failure(code, tail) if code else f"error: {len(history)} of {args.iterations} iterations in history"
         return {**results, **{key: reason for key, _ in METRICS if key not in results}}
-    results.update(stage_figures(history, cfg, seconds, gpu))
+    results.update(stage_figures(history, cfg, seconds))
 
     cfg_resume = {**cfg, "iterations": args.iterations + 1}
     (folder / "resume.yaml").write_text(yaml.safe_dump(cfg_resume, sort_keys=False))

@@ -14,12 +14,12 @@ from typing import Any
 import torch
 
 from cluster.config import MODEL_FAMILIES, ModelConfig
-from rollout.models.random_init import load_random_component, prompt_tokens, text_widths, with_random_text
 from rollout.models import schedules
 from rollout.models.contract import FlowModel
 from rollout.models.flux import FluxModel
 from rollout.models.flux2 import Flux2Model
 from rollout.models.qwen_image import QwenImageModel
+from rollout.models.random_init import load_random_component, prompt_tokens, text_widths, with_random_text
 from rollout.models.sd3 import SD3Model
 from rollout.models.z_image import ZImageModel
 
