@@ -78,8 +78,8 @@ quiet_here()  # before diffusers and transformers load
 
 from cluster.config import JobConfig  # noqa: E402
 from cluster.config_loading import load_config  # noqa: E402
-from learner.batch import micro_batch, score_recorded_step  # noqa: E402
-from learner.loss import adapter_disabled, log_prob_scale, step_loss  # noqa: E402
+from learner.objectives.batch import micro_batch, score_recorded_step  # noqa: E402
+from learner.objectives.grpo_loss import adapter_disabled, log_prob_scale, step_loss  # noqa: E402
 from rollout.models.compile import compile_blocks, decompile_blocks  # noqa: E402
 from rollout.models.contract import FlowModel, PromptEmbeds  # noqa: E402
 from rollout.models.loading import adapter, without_cudnn_attention  # noqa: E402

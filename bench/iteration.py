@@ -21,7 +21,7 @@ import ray  # noqa: E402
 
 from cluster.config_loading import load_config  # noqa: E402
 from cluster.runtime import start_ray  # noqa: E402
-from learner.driver import Job  # noqa: E402
+from learner.driver.job import Job  # noqa: E402
 
 STAGES = ("rollout", "reward", "train", "iteration")
 

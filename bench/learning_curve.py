@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_one(cfg_path: str, overrides: list[str], quiet: bool) -> dict[str, Any]:
     """One job, start to end, in this process's Ray: its per-iteration history and wall time."""
-    from learner.driver import Job
+    from learner.driver.job import Job
 
     cfg = load_config(cfg_path, overrides)
     started = time.perf_counter()

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.shapes_base import shapes_base  # noqa: E402
 from cluster.config_loading import load_config  # noqa: E402
-from learner.checkpoint import load_tree  # noqa: E402
+from learner.ranks.checkpoint import load_tree  # noqa: E402
 from rewards.shapes import ShapesScorer  # noqa: E402
 from rollout.models.loading import load_flow_model  # noqa: E402
 from rollout.prompts.groups import PromptGroup  # noqa: E402

@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cluster.config_loading import load_config  # noqa: E402
-from learner.batch import batch_advantages, micro_batch, score_recorded_step  # noqa: E402
-from learner.forward_batch import final_micro_batch, forward_step_loss, noised_inputs  # noqa: E402
-from learner.checkpoint import load_tree  # noqa: E402
-from learner.loss import log_prob_scale, step_loss  # noqa: E402
+from learner.objectives.batch import batch_advantages, micro_batch, score_recorded_step  # noqa: E402
+from learner.objectives.final_batch import final_micro_batch, forward_step_loss, noised_inputs  # noqa: E402
+from learner.ranks.checkpoint import load_tree  # noqa: E402
+from learner.objectives.grpo_loss import log_prob_scale, step_loss  # noqa: E402
 from rewards.shapes import ShapesScorer  # noqa: E402
 from rollout.models.loading import load_flow_model  # noqa: E402
 from rollout.prompts.groups import PromptGroup  # noqa: E402

@@ -20,8 +20,8 @@ TRAINABLE_KINDS = tuple(kind for kind in STEP_KINDS if kind != "ode")
 GUARD_KINDS = ("sde", "sde_exact")  # the rules GRPO-Guard normalises (MATH.md "GRPO-Guard")
 LOG_PROB_FORMS = ("gaussian", "squared")
 OBJECTIVES = ("grpo", "nft", "awm")  # MATH.md "GRPO" and "Forward-process objectives"
-LR_SCHEDULES = ("constant", "linear", "cosine")  # learner/lr_schedule.py
-LOGGING_BACKENDS = ("tensorboard", "wandb")  # learner/tracking.py
+LR_SCHEDULES = ("constant", "linear", "cosine")  # learner/ranks/lr_schedule.py
+LOGGING_BACKENDS = ("tensorboard", "wandb")  # learner/driver/tracking.py
 FILE_SOURCES = ("text", "geneval_jsonl")  # prompt sources read from `path`
 EVAL_SOURCES = ("builtin", *FILE_SOURCES, "shapes_train", "shapes_heldout", "shapes_all")
 DATA_SOURCES = (*EVAL_SOURCES, "geneval_generate")  # training prompts may also be generated
@@ -260,7 +260,7 @@ class MetricsConfig(Section):
 
 
 class LoggingConfig(Section):
-    """Experiment trackers the driver writes each iteration to (learner/tracking.py), besides history.jsonl."""
+    """Experiment trackers the driver writes each iteration to (learner/driver/tracking.py), besides history.jsonl."""
 
     backends: list[Literal[LOGGING_BACKENDS]] = Field(default_factory=list, description="tensorboard (event files "
                                                       "in output_dir/tensorboard) and/or wandb (the optional extra)")

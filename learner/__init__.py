@@ -1,1 +1,2 @@
-"""Learner side: GRPO maths, the DeepSpeed learner group, checkpoints and the driver (python -m learner.main)."""
+"""Learner side: the driver process (driver/), the learner ranks (ranks/) and the objectives (objectives/); the entry
+point is python -m learner.main."""

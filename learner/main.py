@@ -1,7 +1,7 @@
 """The job's entry point: `python -m learner.main --cfg cluster/tiny.yaml [--set key.sub=value ...]`.
 
 Validates the config, starts a local Ray on 127.0.0.1 or joins the running cluster (under `ray job submit`), checks
-that the actor pools fit, then trains (learner/driver.py), evaluates and checkpoints as the config says.
+that the actor pools fit, then trains (learner/driver/job.py), evaluates and checkpoints as the config says.
 """
 
 import os
@@ -43,12 +43,12 @@ def say(msg: str) -> None:
 
 
 def run(cfg: JobConfig, resume: str, dry_run: bool = False) -> None:
-    """Check the inputs (learner/preflight.py), start or join Ray, check the pools fit, build the actors, train,
+    """Check the inputs (learner/driver/preflight.py), start or join Ray, check the pools fit, build the actors, train,
     shut down. `dry_run`: stop after placing every pool and checking its files on its node."""
     import ray
 
     from cluster.runtime import check_pools_fit, joins_cluster, metrics_endpoint, runs_in_a_copy, start_ray
-    from learner.preflight import preflight
+    from learner.driver.preflight import preflight
 
     copy = " (Ray's copy of the submitted folder)" if runs_in_a_copy() else ""
     say(f"relative paths resolve against {Path.cwd()}{copy}")
@@ -60,14 +60,14 @@ def run(cfg: JobConfig, resume: str, dry_run: bool = False) -> None:
     try:
         check_pools_fit(cfg, ray.cluster_resources())
         if dry_run:
-            from learner.placement import dry_run as check_placed
+            from learner.driver.placement import dry_run as check_placed
 
             for line in check_placed(cfg):
                 say(line)
             say("dry run: every check passed; nothing was loaded or trained")
             return
-        from learner.checkpoint import checkpoint_root
-        from learner.driver import Job
+        from learner.ranks.checkpoint import checkpoint_root
+        from learner.driver.job import Job
 
         job = Job(cfg, say)
         job.resume(resume)
@@ -115,7 +115,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the job's inputs (config, files, cluster size): exit code 2, like a bad config."""
     from cluster.pools import PlacementError
     from cluster.runtime import ClusterTooSmall
-    from learner.preflight import InputError
+    from learner.driver.preflight import InputError
     from rollout.models.loading import ModelLoadError
 
     # CheckpointError, PromptFileError and NodeCheckFailed are ValueErrors too

@@ -27,7 +27,7 @@ import ray  # noqa: E402
 
 from cluster.config_loading import load_config  # noqa: E402
 from cluster.runtime import start_ray  # noqa: E402
-from learner.driver import Job  # noqa: E402
+from learner.driver.job import Job  # noqa: E402
 from rewards.registry import REGISTRY  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

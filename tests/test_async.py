@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config_loading import load_config
-from learner.driver import Job
+from learner.driver.job import Job
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["data.images_per_iteration=16", "data.group_size=4", "rollout.samples_per_forward=4",

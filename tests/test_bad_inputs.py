@@ -2,7 +2,7 @@
 allowed), exit code 2, no traceback, and leaves nothing half-written on disk.
 
 Most cases run `learner.main.main(argv)` in-process: they fail in the config validation or in the preflight
-(learner/preflight.py), before Ray starts. The cases that need the real process (its exit status, a pool check
+(learner/driver/preflight.py), before Ray starts. The cases that need the real process (its exit status, a pool check
 against a started Ray) run `python -m learner.main` in a subprocess.
 """
 
@@ -323,7 +323,7 @@ def warm_imports():
     """Import what the preflight imports once, so that no case pays first-import costs."""
     import peft  # noqa: F401
 
-    import learner.checkpoint  # noqa: F401
+    import learner.ranks.checkpoint  # noqa: F401
     import rollout.models.flux  # noqa: F401
 
 
@@ -357,7 +357,7 @@ def test_the_cases_cover_the_list():
 def test_good_inputs_pass_the_preflight(tmp_path, tiny_model_dirs):
     """The corpus' base config passes every check, and the output folder probe leaves nothing behind."""
     from cluster.config_loading import load_config
-    from learner.preflight import preflight
+    from learner.driver.preflight import preflight
 
     out = tmp_path / "a" / "b"
     cfg = load_config(TINY, [f"model.path={tiny_model_dirs['flux']}", f"output_dir={out}"])

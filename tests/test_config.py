@@ -158,7 +158,7 @@ def test_the_noise_level_range_of_cps_is_checked_in_the_config():
 
 
 def test_full_fine_tuning_with_a_kl_term_is_a_valid_config():
-    # the learner then keeps a frozen copy of the transformer as the KL reference (learner/actor.py)
+    # the learner then keeps a frozen copy of the transformer as the KL reference (learner/ranks/actor.py)
     cfg = load_config(ROOT / "cluster/tiny.yaml", ["learner.finetune=full", "learner.beta=0.04"])
     assert (cfg.learner.finetune, cfg.learner.beta) == ("full", 0.04)
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from learner.evaluation import PAGE_SIZE, save_pages
+from learner.driver.evaluation import PAGE_SIZE, save_pages
 
 
 def test_pages_hold_at_most_64_images_in_order(tmp_path):

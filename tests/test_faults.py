@@ -87,7 +87,7 @@ KILLED_MID_CHECKPOINT = r"""
 import hashlib, json, os, signal, sys
 from pathlib import Path
 import learner.main  # first: it keeps Ray on loopback
-import learner.checkpoint as checkpoint
+import learner.ranks.checkpoint as checkpoint
 
 write = checkpoint.write_trainer
 

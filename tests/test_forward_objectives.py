@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learner.forward_objectives import (
+from learner.objectives.final_sample_math import (
     AWM_EPS,
     awm_loss,
     awm_timestep_indices,
@@ -139,7 +139,7 @@ def test_timestep_indices_nft_permutation_and_awm_strata():
 
 
 def test_noised_inputs_follow_the_forward_process_and_are_reproducible():
-    from learner.forward_batch import FinalBatch, noised_inputs
+    from learner.objectives.final_batch import FinalBatch, noised_inputs
     from rollout.sampling.trajectory import SamplerSettings
 
     settings = SamplerSettings(kind="ode", noise_level=0.0, log_prob_form="squared", guidance_scale=1.0, height=8,

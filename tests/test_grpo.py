@@ -5,7 +5,7 @@ import statistics
 import pytest
 import torch
 
-from learner.grpo import advantages, nonzero_advantage_indices, policy_loss
+from learner.objectives.grpo_math import advantages, nonzero_advantage_indices, policy_loss
 from rollout.models.schedules import sigmas
 from rollout.sampling.steps import kl, step
 

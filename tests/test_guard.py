@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from learner.batch import MicroBatch, micro_batch, sample_order, score_recorded_step
-from learner.grpo import guard_log_ratio
-from learner.loss import step_loss
+from learner.objectives.batch import MicroBatch, micro_batch, sample_order, score_recorded_step
+from learner.objectives.grpo_math import guard_log_ratio
+from learner.objectives.grpo_loss import step_loss
 from rollout.models.loading import load_flow_model
 from rollout.prompts.groups import PromptGroup
 from rollout.sampling.loop import RolloutSampler
@@ -126,8 +126,8 @@ def test_the_learner_trains_with_the_normalised_ratio(ray_local, tiny_model_dirs
     update is on-policy (ratio exactly 1) and moves the LoRA; the second sees a normalised ratio off 1."""
     from cluster.config import PoolConfig
     from cluster.config_loading import validate_config
-    from learner.actor import LearnerActor
-    from learner.group import ActorGroup
+    from learner.ranks.actor import LearnerActor
+    from learner.ranks.process_group import ActorGroup
     from rollout.policy import add_lora
 
     lora = {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}

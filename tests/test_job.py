@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from learner.checkpoint import load_tree
+from learner.ranks.checkpoint import load_tree
 from tests.bench_helpers import load_bench
 
 local_cluster = load_bench("local_cluster")
@@ -311,7 +311,7 @@ def test_the_driver_receives_no_model_state_while_checkpointing(ray_local, tiny_
     import pickle
 
     from cluster.config_loading import load_config
-    from learner.driver import Job
+    from learner.driver.job import Job
 
     cfg = load_config(ROOT / "cluster/tiny.yaml", BASE + [
         f"output_dir={tmp_path}", "iterations=1", f"model.path={tiny_model_dirs['flux']}", "model.build_tiny=false",

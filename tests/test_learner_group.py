@@ -7,11 +7,11 @@ import torch
 
 from cluster.config import PoolConfig
 from cluster.config_loading import validate_config
-from learner.actor import LearnerActor
-from learner.batch import batch_advantages, micro_batch, sample_order, score_recorded_step, sort_batch, update_plan
-from learner.engine import deepspeed_config
-from learner.group import ActorGroup
-from learner.loss import adapter_disabled, step_loss
+from learner.ranks.actor import LearnerActor
+from learner.objectives.batch import batch_advantages, micro_batch, sample_order, score_recorded_step, sort_batch, update_plan
+from learner.ranks.engine import deepspeed_config
+from learner.ranks.process_group import ActorGroup
+from learner.objectives.grpo_loss import adapter_disabled, step_loss
 from rollout.models.loading import load_flow_model
 from rollout.prompts.groups import PromptGroup
 from rollout.sampling.loop import RolloutSampler

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from cluster.config import LoraConfig
-from learner.batch import batch_advantages, micro_batch, sample_order, score_recorded_step, sort_batch, update_plan
-from learner.ema import Ema, ema_decay
-from learner.grpo import policy_loss
-from learner.loss import StepLoss, UpdateStats, adapter_disabled, step_loss
+from learner.objectives.batch import batch_advantages, micro_batch, sample_order, score_recorded_step, sort_batch, update_plan
+from learner.ranks.ema import Ema, ema_decay
+from learner.objectives.grpo_math import policy_loss
+from learner.objectives.grpo_loss import StepLoss, UpdateStats, adapter_disabled, step_loss
 from rollout.models.loading import load_flow_model
 from rollout.prompts.groups import PromptGroup
 from rollout.sampling.forward import score_step

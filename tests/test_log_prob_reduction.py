@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import torch
 
-from learner.loss import step_loss
+from learner.objectives.grpo_loss import step_loss
 from rollout.sampling.steps import step
 
 

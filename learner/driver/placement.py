@@ -17,8 +17,8 @@ import ray
 
 from cluster.config import JobConfig
 from cluster.pools import ActorPool, describe
-from learner.actor import LearnerActor
-from learner.preflight import absolute_paths
+from learner.ranks.actor import LearnerActor
+from learner.driver.preflight import absolute_paths
 from rewards.service import ScorerActor
 from rollout.worker import RolloutWorker
 
@@ -46,7 +46,7 @@ def reserve_pools(cfg: JobConfig, classes: dict[str, type] | None = None) -> dic
 
 
 def _learner_here(cfg: JobConfig) -> str:
-    from learner.preflight import lora_targets_here, model_here
+    from learner.driver.preflight import lora_targets_here, model_here
 
     folder = model_here(cfg, ("transformer",))
     lora_targets_here(cfg)
@@ -54,13 +54,13 @@ def _learner_here(cfg: JobConfig) -> str:
 
 
 def _rollout_here(cfg: JobConfig) -> str:
-    from learner.preflight import model_here
+    from learner.driver.preflight import model_here
 
     return f"model at {model_here(cfg)}"
 
 
 def _scorer_here(name: str, options: dict[str, Any], field: str) -> str:
-    from learner.preflight import scorer_here
+    from learner.driver.preflight import scorer_here
 
     scorer_here(name, options, field)
     return "options and weights found"

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from cluster.config import LearnerConfig
-from learner.batch import SampleRef, samples_embeds
-from learner.forward_objectives import (
+from learner.objectives.batch import SampleRef, samples_embeds
+from learner.objectives.final_sample_math import (
     awm_loss,
     awm_timestep_indices,
     forward_process,
@@ -23,8 +23,8 @@ from learner.forward_objectives import (
     nft_timestep_indices,
     optimality_probability,
 )
-from learner.grpo import RatioStats
-from learner.loss import StepLoss
+from learner.objectives.grpo_math import RatioStats
+from learner.objectives.grpo_loss import StepLoss
 from rollout.models.contract import PromptEmbeds
 from rollout.sampling.trajectory import FinalSamples, SamplerSettings
 

@@ -14,8 +14,8 @@ from typing import NamedTuple
 
 import torch
 
-from learner.batch import MicroBatch
-from learner.grpo import RatioStats, guard_log_ratio, policy_loss
+from learner.objectives.batch import MicroBatch
+from learner.objectives.grpo_math import RatioStats, guard_log_ratio, policy_loss
 from rollout.sampling.steps import StepOutput, kl
 
 

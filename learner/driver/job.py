@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 from cluster.config import JobConfig
 from cluster.runtime import joins_cluster
-from learner.actor import LearnerActor
-from learner.checkpoint import (
+from learner.ranks.actor import LearnerActor
+from learner.ranks.checkpoint import (
     begin_checkpoint,
     checkpoint_root,
     finish_checkpoint,
@@ -33,14 +33,14 @@ from learner.checkpoint import (
     load_trainer,
     resolve_resume,
 )
-from learner.commands import Commands
-from learner.evaluation import evaluate
-from learner.events import Events
-from learner.group import ActorGroup
-from learner.placement import check_where_placed, reserve_pools
-from learner.preflight import absolute_paths
-from learner.report import Metrics, eval_line, progress_line, summarise
-from learner.tracking import Trackers
+from learner.driver.commands import Commands
+from learner.driver.evaluation import evaluate
+from learner.driver.events import Events
+from learner.ranks.process_group import ActorGroup
+from learner.driver.placement import check_where_placed, reserve_pools
+from learner.driver.preflight import absolute_paths
+from learner.driver.report import Metrics, eval_line, progress_line, summarise
+from learner.driver.tracking import Trackers
 from rewards.service import GroupRewards, RewardError, RewardHandle, RewardService
 from rollout.models.loading import locate_configured
 from rollout.pool import RolloutPool
@@ -347,7 +347,7 @@ class Job:
         return int(self.learner_get([self.learner.actors[0].counters.remote()])[0]["optimizer_steps"])
 
     def evaluate(self) -> dict[str, Any]:
-        """The evaluation of this iteration with the EMA weights (learner/evaluation.py)."""
+        """The evaluation of this iteration with the EMA weights (learner/driver/evaluation.py)."""
         # ([ref], meta) of the EMA weights, put in the object store by rank 0: the weights never come through here
         weights = self.learner_get([self.learner.actors[0].packed_ema.remote()])[0]
         result = evaluate(self.cfg, self.pool, self.rewards, weights, self.iteration)

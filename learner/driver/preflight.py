@@ -8,7 +8,7 @@ next). To add a check, write one more function and list it in CHECKS.
 
 The files that actors read (the model, LoRA targets from its config, the scorers' weights) are checked here only on a
 local Ray, whose one node runs every actor. A job that joins a cluster runs the same `..._here` checks on the nodes
-themselves, in a bundle of each pool, once the pools are placed (learner/placement.py).
+themselves, in a bundle of each pool, once the pools are placed (learner/driver/placement.py).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def check_output_dir(cfg: JobConfig, resume: str) -> None:
 
 def check_logging(cfg: JobConfig, resume: str) -> None:
     """The packages of logging.backends are installed."""
-    from learner.tracking import WandbMissing, require_backends
+    from learner.driver.tracking import WandbMissing, require_backends
 
     try:
         require_backends(cfg)
@@ -72,7 +72,7 @@ def check_logging(cfg: JobConfig, resume: str) -> None:
 
 def check_resume(cfg: JobConfig, resume: str) -> None:
     """The checkpoint to resume from ('none', 'auto' or a folder) is one this job can continue."""
-    from learner.checkpoint import resolve_resume
+    from learner.ranks.checkpoint import resolve_resume
 
     resolve_resume(cfg, resume)
 

@@ -16,7 +16,7 @@ import numpy as np
 from cluster.config import JobConfig
 from rewards.service import GroupRewards
 
-# the summary's learner statistics (learner/report.py) that are logged, as train/<name>
+# the summary's learner statistics (learner/driver/report.py) that are logged, as train/<name>
 TRAIN_KEYS = ("loss", "policy_loss", "kl", "clip_frac", "ratio_mean", "ratio_std", "approx_kl", "grad_norm", "lr",
               "zero_std_group_frac")
 
@@ -38,7 +38,7 @@ def require_backends(cfg: JobConfig) -> None:
 
 
 def iteration_scalars(summary: dict[str, Any], times: dict[str, float]) -> dict[str, float]:
-    """The scalars of one iteration's summary (learner/report.py) and stage times."""
+    """The scalars of one iteration's summary (learner/driver/report.py) and stage times."""
     scalars = {f"reward/{name}": v for name, v in summary["rewards"].items()}
     scalars["reward/total"] = summary["reward_mean"]
     scalars["reward/total_std"] = summary["reward_std"]

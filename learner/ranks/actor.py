@@ -8,7 +8,7 @@ The driver builds the group and calls, on all ranks at once:
     ray.get(group.run("setup", cfg, negative=negative_embeds, store=weight_store(cfg.run_name)))
     metrics = ray.get(group.run("train_iteration", groups_ref, rewards_ref))[0]
 
-Gradient accumulation: learner/engine.py; the nft and awm objectives: learner/forward_training.py. Weights out: after
+Gradient accumulation: learner/ranks/engine.py; the nft and awm objectives: learner/ranks/forward_training.py. Weights out: after
 an iteration's updates rank 0 publishes the policy state (peft LoRA keys, or the full state dict; for nft the old
 adapter) to the WeightStore in buckets of at most learner.publish_bucket_mb, version = optimizer updates applied so
 far; under ZeRO-3 every rank takes part in gathering each bucket. The EMA (rank 0, CPU float32) has the same keys. The recorded
@@ -30,7 +30,7 @@ import torch
 from cluster.config import JobConfig
 from cluster.metrics import Recorder
 from cluster.quiet import name_deepspeed_accelerator
-from learner.batch import (
+from learner.objectives.batch import (
     MicroBatch,
     batch_advantages,
     micro_batch,
@@ -39,15 +39,15 @@ from learner.batch import (
     sort_batch,
     update_plan,
 )
-from learner.checkpoint import export_lora, fill_live, load_tree, rank_stem, save_tree
-from learner.ema import Ema
-from learner.engine import PRECISION_DTYPES, EngineForward, deepspeed_config, micro_batches_per_update
-from learner.forward_batch import final_micro_batch
-from learner.forward_training import ForwardTraining
-from learner.group import DistributedActor
-from learner.grpo import nonzero_advantage_indices
-from learner.lr_schedule import configured_lr
-from learner.loss import UpdateStats, adapter_disabled, log_prob_scale, step_loss
+from learner.ranks.checkpoint import export_lora, fill_live, load_tree, rank_stem, save_tree
+from learner.ranks.ema import Ema
+from learner.ranks.engine import PRECISION_DTYPES, EngineForward, deepspeed_config, micro_batches_per_update
+from learner.objectives.final_batch import final_micro_batch
+from learner.ranks.forward_training import ForwardTraining
+from learner.ranks.process_group import DistributedActor
+from learner.objectives.grpo_math import nonzero_advantage_indices
+from learner.ranks.lr_schedule import configured_lr
+from learner.objectives.grpo_loss import UpdateStats, adapter_disabled, log_prob_scale, step_loss
 from rollout.models.compile import compile_blocks
 from rollout.models.contract import FlowModel, PromptEmbeds
 from rollout.models.loading import load_configured
@@ -82,7 +82,7 @@ class LearnerActor(ForwardTraining, DistributedActor):
         self.device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")
         if not on_gpu:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skips a 30-50 s JIT build, same results
-        self.init_process_group("nccl" if on_gpu else "gloo")  # bound to the node address only (learner/group.py)
+        self.init_process_group("nccl" if on_gpu else "gloo")  # bound to the node address only (learner/ranks/process_group.py)
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)  # takes the group as is
 
         dtype = PRECISION_DTYPES[lc.precision]

@@ -9,7 +9,7 @@ With one update, one rank and a micro-batch size equal to the rollout's `samples
 size), every micro-batch is exactly one rollout chunk, so the recomputed log-probs equal the recorded ones bit for bit.
 
 For each micro-batch and trained step the learner scores the recorded next state with the sampling forward
-(`rollout.sampling.forward.score_step`, here `score_recorded_step`) and takes the loss of learner/loss.py.
+(`rollout.sampling.forward.score_step`, here `score_recorded_step`) and takes the loss of learner/objectives/grpo_loss.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from learner.grpo import advantages as grpo_advantages
+from learner.objectives.grpo_math import advantages as grpo_advantages
 from rollout.models.contract import FlowModel, PromptEmbeds
 from rollout.sampling.forward import score_step
 from rollout.sampling.steps import StepOutput

@@ -1,6 +1,6 @@
 """The learner rank's part of the forward-process objectives (nft, awm): a second LoRA adapter that follows θ by soft
 updates (nft: the old adapter the rollouts sample with; awm: the prox adapter), and the training calls on final
-samples. A mixin of learner/actor.py's LearnerActor, whose engine, model and counters it uses.
+samples. A mixin of learner/ranks/actor.py's LearnerActor, whose engine, model and counters it uses.
 
 The second adapter is kept as a state (peft LoRA keys, on the rank's device) and swapped into the LoRA parameters
 around its forwards; θ goes back bit for bit, so DeepSpeed's ZeRO-2 state never sees it (ZeRO-3 is refused in the
@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from learner.forward_batch import FinalBatch, forward_step_loss, noised_inputs
-from learner.forward_objectives import old_adapter_decay, prox_adapter_decay, soft_update
-from learner.loss import UpdateStats, adapter_disabled
+from learner.objectives.final_batch import FinalBatch, forward_step_loss, noised_inputs
+from learner.objectives.final_sample_math import old_adapter_decay, prox_adapter_decay, soft_update
+from learner.objectives.grpo_loss import UpdateStats, adapter_disabled
 from rollout.sampling.forward import guided_velocity
 from rollout.policy import apply_policy_state, policy_state
 
