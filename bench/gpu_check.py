@@ -78,14 +78,13 @@ quiet_here()  # before diffusers and transformers load
 
 from cluster.config import JobConfig  # noqa: E402
 from cluster.config_loading import load_config  # noqa: E402
-from learner.objectives.batch import micro_batch, score_recorded_step  # noqa: E402
-from learner.objectives.grpo_loss import adapter_disabled, log_prob_scale, step_loss  # noqa: E402
+from learner.objectives.grpo import log_prob_scale, micro_batch, score_recorded_step, step_loss  # noqa: E402
+from rollout.policy import adapter_disabled, add_lora  # noqa: E402
 from rollout.models.compile import compile_blocks, decompile_blocks  # noqa: E402
 from rollout.models.contract import FlowModel, PromptEmbeds  # noqa: E402
 from rollout.models.loading import adapter, without_cudnn_attention  # noqa: E402
 from rollout.models.random_init import prompt_tokens, random_module, text_widths, with_random_text  # noqa: E402
 from rollout.models.schedules import DEFAULT_CONFIGS  # noqa: E402
-from rollout.policy import add_lora  # noqa: E402
 from rollout.prompts.groups import PromptGroup  # noqa: E402
 from rollout.sampling.forward import guided_velocity  # noqa: E402
 from rollout.sampling.loop import RolloutSampler  # noqa: E402
@@ -443,7 +442,7 @@ def learner_update(model: FlowModel, record: Trajectories, negative: PromptEmbed
     """One (micro-batch, step) update of the learner's loss: forward, loss, backward, AdamW step (foreach, or fused).
     `micro`: the micro-batch size (default the case's); past the record's samples they repeat."""
     lc = c.cfg.learner
-    beta = 0.0 if full else lc.beta
+    beta = 0.0 if full else lc.kl_beta
     transformer = model.transformer
     params = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lc.lr, **({"fused": True} if fused else {"foreach": True}))
@@ -458,7 +457,7 @@ def learner_update(model: FlowModel, record: Trajectories, negative: PromptEmbed
             with torch.no_grad(), adapter_disabled(transformer):
                 reference = score_recorded_step(model, mb, 0, negative).mean
         scored = score_recorded_step(model, mb, 0, negative)
-        call = step_loss(scored, mb, 0, clip_range=lc.clip_range, beta=beta, reference_mean=reference,
+        call = step_loss(scored, mb, 0, clip_range=lc.clip_range, kl_beta=beta, reference_mean=reference,
                          log_prob_scale=scale, ratio_norm=lc.ratio_norm)
         call.loss.backward()
         optimizer.step()
@@ -553,7 +552,7 @@ def check_family(family: str, args: argparse.Namespace, device: Device, deadline
     take(("ratio_bf16_same", "ratio_bf16_other"), ratios_bf16)
 
     forward_micro = state["forward_flops"] * c.micro / c.chunk
-    reference = forward_micro if lc.beta > 0 else 0.0
+    reference = forward_micro if lc.kl_beta > 0 else 0.0
 
     def lora() -> dict[str, Any]:
         seconds, peak = timed_update(learner_update(model, record, sampler.negative, c, scale, device, full=False),
@@ -625,7 +624,7 @@ def levers(family: str, args: argparse.Namespace, model: FlowModel, c: Case, sta
 
     def update_flops(micro: int) -> float:
         forward = state["forward_flops"] * micro / c.chunk
-        return 2 * forward + (forward if lc.beta > 0 else 0.0)
+        return 2 * forward + (forward if lc.kl_beta > 0 else 0.0)
 
     def compiling() -> None:
         optional()

@@ -307,7 +307,9 @@ def check_family(family: str, args: argparse.Namespace, deadline: float) -> dict
     try:
         results["lora_load"] = lora_check(family, cfg, lora, "cuda" if gpu else "cpu")
     except Exception as e:  # noqa: BLE001 — reported in the table
-        results["lora_load"] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''}"
+        from cluster.errors import described
+
+        results["lora_load"] = f"error: {described(e)}"
     return results
 
 

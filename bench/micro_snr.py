@@ -19,6 +19,7 @@ brackets: the same with |μ|² two standard errors above its estimate, the most 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import sys
 from pathlib import Path
@@ -29,25 +30,45 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from cluster.config_loading import load_config  # noqa: E402
-from learner.objectives.batch import batch_advantages, micro_batch, score_recorded_step  # noqa: E402
-from learner.objectives.final_batch import final_micro_batch, forward_step_loss, noised_inputs  # noqa: E402
+from learner.objectives.base import UpdateStats  # noqa: E402
+from learner.objectives.batch import batch_advantages  # noqa: E402
+from learner.objectives.registry import objective_for  # noqa: E402
 from learner.ranks.checkpoint import load_tree  # noqa: E402
-from learner.objectives.grpo_loss import log_prob_scale, step_loss  # noqa: E402
 from rewards.shapes import ShapesScorer  # noqa: E402
 from rollout.models.loading import load_flow_model  # noqa: E402
 from rollout.prompts.groups import PromptGroup  # noqa: E402
-from rollout.sampling.forward import guided_velocity  # noqa: E402
 from rollout.sampling.loop import RolloutSampler  # noqa: E402
-from rollout.sampling.trajectory import SamplerSettings  # noqa: E402
 from rollout.shapes import data as shapes_data  # noqa: E402
 from rollout.policy import add_lora, apply_policy_state, policy_state  # noqa: E402
 
 CONFIG = ROOT / "cluster" / "micro.yaml"
 
 
+class AtThePolicy:
+    """The objective's Trainee at the rollout policy: a plain backward, and the trailing adapter (old / prox) equal to
+    θ; no reference term (kl_beta and ref_beta are 0 here)."""
+
+    negative = None
+    policy_version = 0
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def reference(self):
+        raise RuntimeError("the gradient SNR is measured without a reference term")
+
+    def trailing(self):
+        return contextlib.nullcontext()
+
+
 def group_gradients(cfg, model, params: list[torch.Tensor], groups: int) -> tuple[torch.Tensor, dict[str, float]]:
     """(J, P) per-group gradients of the learner's loss (with the batch's advantages) and the batch's statistics."""
-    sampler = RolloutSampler(model, SamplerSettings.from_config(cfg), cfg.seed)
+    lc = cfg.learner.model_copy(update={"kl_beta": 0.0, "ref_beta": 0.0})
+    objective = objective_for(cfg.model_copy(update={"learner": lc}))
+    sampler = RolloutSampler(model, objective.rollout_settings(), cfg.seed)
     scorer, items, size = ShapesScorer(), shapes_data.shapes_prompts("train"), cfg.data.group_size
     trajectories, rewards = [], []
     for j in range(groups):
@@ -57,26 +78,13 @@ def group_gradients(cfg, model, params: list[torch.Tensor], groups: int) -> tupl
         scored = scorer(traj.images, [item.prompt] * size, [item.metadata] * size)
         trajectories.append(traj)
         rewards.append(torch.as_tensor(scored.scores, dtype=torch.float64))
-    lc = cfg.learner
     adv, stats = batch_advantages(trajectories, rewards, std=lc.advantage_std, clip=lc.advantage_clip)
     grads = []
     for j, traj in enumerate(trajectories):
         samples, group_adv = [(0, i) for i in range(size)], adv[j * size:(j + 1) * size]
         for p in params:
             p.grad = None
-        if lc.objective == "grpo":
-            scale = log_prob_scale(lc.log_prob_reduction, traj.states[0, 0].numel())  # as the learner does
-            mb = micro_batch([traj], samples, group_adv)
-            for k in range(mb.num_steps):
-                scored = score_recorded_step(model, mb, k, None)
-                step_loss(scored, mb, k, clip_range=lc.clip_range, beta=0.0, log_prob_scale=scale,
-                          ratio_norm=lc.ratio_norm).loss.backward()
-        else:  # nft / awm at the rollout policy: the old / prox adapter is θ
-            fb = final_micro_batch([traj], samples, group_adv)
-            for t, x_t, v in noised_inputs(fb, lc.objective, cfg.trained_steps, cfg.seed, 0):
-                v_theta = guided_velocity(model, x_t, t, fb.embeds, None, fb.settings)
-                forward_step_loss(lc.model_copy(update={"beta": 0.0}), fb, t, x_t, v, v_theta, v_theta.detach(),
-                                  None).loss.backward()
+        objective.train(AtThePolicy(model), objective.micro_batch([traj], samples, group_adv, "cpu"), UpdateStats())
         grads.append(torch.cat([p.grad.reshape(-1) for p in params]).double())
         print(f"\r  group {j + 1}/{groups}", end="", flush=True)
     print()

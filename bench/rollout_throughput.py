@@ -104,7 +104,7 @@ def bench_pool(cfg: JobConfig, groups: list, workers: int) -> float:
     """RolloutPool with `workers` actors, after each has sampled one warm-up group."""
     from rollout.pool import RolloutPool
 
-    pool = RolloutPool(cfg, num_workers=workers)
+    pool = RolloutPool(cfg, SamplerSettings.from_config(cfg), num_workers=workers)
     try:
         pool.submit(groups[:workers])
         list(pool.results())

@@ -19,7 +19,6 @@ STEP_KINDS = ("ode", "sde", "dance", "cps", "sde_exact")  # MATH.md "Step rules"
 TRAINABLE_KINDS = tuple(kind for kind in STEP_KINDS if kind != "ode")
 GUARD_KINDS = ("sde", "sde_exact")  # the rules GRPO-Guard normalises (MATH.md "GRPO-Guard")
 LOG_PROB_FORMS = ("gaussian", "squared")
-OBJECTIVES = ("grpo", "nft", "awm")  # MATH.md "GRPO" and "Forward-process objectives"
 LR_SCHEDULES = ("constant", "linear", "cosine")  # learner/ranks/lr_schedule.py
 LOGGING_BACKENDS = ("tensorboard", "wandb")  # learner/driver/tracking.py
 FILE_SOURCES = ("text", "geneval_jsonl")  # prompt sources read from `path`
@@ -27,6 +26,13 @@ EVAL_SOURCES = ("builtin", *FILE_SOURCES, "shapes_train", "shapes_heldout", "sha
 DATA_SOURCES = (*EVAL_SOURCES, "geneval_generate")  # training prompts may also be generated
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement-group strategies
 RESERVED_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")  # set by num_*_per_actor, not `resources`
+# Keys a config may still carry from an earlier version: what became of each, said instead of "unknown key".
+RETIRED_KEYS = {
+    "learner.beta": "split in two: learner.kl_beta (grpo: the KL of each recorded step to the reference policy) and "
+                    "learner.ref_beta (nft, awm: the velocity distance to the reference)",
+    "model.allow_download": "removed: a hub id that is not in the local Hugging Face cache is now downloaded on first "
+                            "use, as diffusers and transformers do (HF_HUB_OFFLINE=1 forbids it); delete the line",
+}
 
 
 class ConfigError(Exception):
@@ -47,7 +53,8 @@ class ModelConfig(Section):
     """Which model to load and how."""
 
     family: Literal[MODEL_FAMILIES]
-    path: str = Field(description="a local diffusers folder or a hub id")
+    path: str = Field(description="a local diffusers folder, or a hub id (from the local Hugging Face cache, downloaded "
+                      "there first when missing unless HF_HUB_OFFLINE=1)")
     build_tiny: bool = Field(False, description="build the offline tiny model of this family at `path` if it is missing")
     tiny_seed: int = 0
     init: Literal[MODEL_INITS] = Field(
@@ -58,7 +65,6 @@ class ModelConfig(Section):
     compile: bool = Field(False, description="torch.compile each transformer block (regional compilation), in the "
                           "rollout and the learner alike")
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    allow_download: bool = Field(False, description="let from_pretrained fetch a hub id (off: local folder or cache only)")
     resolution: int = Field(512, ge=16, description="image height and width in pixels, a multiple of 16")
     max_sequence_length: int = Field(512, ge=1, le=512)
 
@@ -175,8 +181,9 @@ class EmaConfig(Section):
 class LearnerConfig(PoolConfig):
     """DeepSpeed ZeRO learner: GRPO on recorded steps, or DiffusionNFT / AWM on clean samples (MATH.md)."""
 
-    objective: Literal[OBJECTIVES] = Field("grpo", description="grpo: the clipped ratio on recorded steps; nft / awm: "
-                                           "forward-process objectives on the rollouts' final samples")
+    objective: str = Field("grpo", description="grpo: the clipped ratio on recorded steps; nft / awm: forward-process "
+                           "objectives on the rollouts' final samples (any sampler; the papers sample with the ODE, "
+                           "sampler.kind: ode). Looked up in learner/objectives/registry.py")
     nft_beta: float = Field(1.0, gt=0.0, description="nft: β of the implicit policies v± (papers: 1, 0.1 for OCR)")
     nft_weighting: Literal["adaptive", "none"] = "adaptive"
     old_adapter_schedule: Literal["default", "ocr"] = Field(
@@ -199,8 +206,10 @@ class LearnerConfig(PoolConfig):
     clip_range: float = Field(1e-4, gt=0.0)
     log_prob_reduction: Literal["mean", "sum"] = Field(
         "mean", description="per-element mean (the papers, clip ~1e-4) or sum over the latent (an ordinary clip ~0.2)")
-    beta: float = Field(0.0, ge=0.0, description="KL weight (nft: β_KL, awm: β_ref, on the velocity distance to the "
-                        "adapter-disabled model)")
+    kl_beta: float = Field(0.0, ge=0.0, description="grpo: weight of the KL of each recorded step's Gaussian to the "
+                           "reference policy's (the adapter switched off, or a frozen copy for full fine-tuning)")
+    ref_beta: float = Field(0.0, ge=0.0, description="nft / awm: weight of the velocity distance to the reference, "
+                            "mean (v_θ − v_ref)² with the adapter switched off")
     updates_per_iteration: int = Field(2, ge=1)
     micro_batch_size: int = Field(1, ge=1, description="samples per learner rank per forward")
     gradient_checkpointing: bool = False
@@ -308,17 +317,6 @@ class JobConfig(Section):
     logging: LoggingConfig = LoggingConfig()
     ray: RayConfig = RayConfig()
 
-    @model_validator(mode="before")
-    @classmethod
-    def _forward_objectives_sample_with_the_ode(cls, data: Any) -> Any:
-        """nft and awm train on final samples of any sampler; unless one is given, the ODE."""
-        if isinstance(data, dict) and isinstance(data.get("learner"), dict) and \
-                data["learner"].get("objective") in OBJECTIVES[1:]:
-            sampler = data.get("sampler") or {}
-            if isinstance(sampler, dict) and "kind" not in sampler:
-                data = {**data, "sampler": {**sampler, "kind": "ode"}}
-        return data
-
     @model_validator(mode="after")
     def _check_relations(self) -> "JobConfig":
         problems = _cross_field_problems(self)
@@ -328,11 +326,8 @@ class JobConfig(Section):
 
     @property
     def trained_steps(self) -> int:
-        """Steps trained per trajectory: the Fast window, the configured count, or all but the last. For nft and awm:
-        the noise levels each final sample is trained at, ⌊0.99·N⌋ of the schedule's N."""
+        """Steps recorded and trained per trajectory: the Fast window, the configured count, or all but the last."""
         s = self.sampler
-        if self.learner.objective != "grpo":
-            return max(1, int(0.99 * s.num_steps))
         if s.fast_window is not None:
             return s.fast_window.size
         return s.trained_steps if s.trained_steps is not None else s.num_steps - 1
@@ -347,11 +342,7 @@ def _cross_field_problems(cfg: JobConfig) -> list[str]:
     s, d, lr = cfg.sampler, cfg.data, cfg.learner
     n = s.num_steps
 
-    forward = lr.objective != "grpo"
-    if s.kind == "ode" and not forward:
-        p.append(f"sampler.kind = 'ode': the ODE step has no log-prob to train with GRPO; "
-                 f"allowed for training: {', '.join(TRAINABLE_KINDS)} (or learner.objective nft / awm)")
-    elif s.kind != "ode" and s.noise_level <= 0:
+    if s.kind != "ode" and s.noise_level <= 0:
         p.append(f"sampler.noise_level = {s.noise_level}: a {s.kind} rollout needs noise to have a log-prob; must be > 0")
     if s.kind == "cps" and s.noise_level > 1:
         p.append(f"sampler.noise_level = {s.noise_level}: CPS eta must lie in [0, 1]")
@@ -366,28 +357,6 @@ def _cross_field_problems(cfg: JobConfig) -> list[str]:
             p.append(f"sampler.trained_steps = {s.trained_steps}: with a Fast window only the window is trained; "
                      f"leave it unset or equal to fast_window.size ({s.fast_window.size})")
 
-    if forward:
-        why = f"learner.objective = {lr.objective!r} trains on final samples"
-        if s.fast_window is not None:
-            p.append(f"sampler.fast_window: {why}; a window of trained steps means nothing there: remove it")
-        if lr.ratio_norm:
-            p.append(f"learner.ratio_norm = true: GRPO-Guard is a GRPO option; {why}")
-        if lr.finetune != "lora":
-            p.append(f"learner.finetune = {lr.finetune!r}: {lr.objective} keeps a second LoRA adapter (old / prox); "
-                     f"use finetune 'lora'")
-        if lr.zero_stage != 2:
-            p.append(f"learner.zero_stage = {lr.zero_stage}: {lr.objective} swaps its second adapter into the "
-                     f"parameters, which needs them whole on every rank; use zero_stage 2")
-    if lr.ratio_norm:
-        if s.kind not in GUARD_KINDS:
-            p.append(f"learner.ratio_norm = true: GRPO-Guard normalises the Gaussian log-ratio of "
-                     f"{' and '.join(GUARD_KINDS)} steps; sampler.kind = {s.kind!r} is not one of them")
-        if s.log_prob_form not in (None, "gaussian"):
-            p.append(f"learner.ratio_norm = true: needs the Gaussian log-prob, sampler.log_prob_form = "
-                     f"{s.log_prob_form!r}")
-        if lr.log_prob_reduction != "mean":
-            p.append(f"learner.ratio_norm = true: the normalised ratio is defined on per-element mean log-probs; "
-                     f"learner.log_prob_reduction = {lr.log_prob_reduction!r} must be 'mean'")
     if s.antithetic and d.group_size % 2:
         p.append(f"sampler.antithetic = true: the noise comes in (z, -z) pairs within a group, so data.group_size "
                  f"must be even, got {d.group_size}")

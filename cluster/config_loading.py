@@ -10,7 +10,7 @@ from typing import Any, Iterable, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from cluster.config import ConfigError, JobConfig
+from cluster.config import RETIRED_KEYS, ConfigError, JobConfig
 
 
 class _Loader(yaml.SafeLoader):
@@ -87,6 +87,8 @@ def _describe(err: dict) -> str:
     if kind == "missing":
         return f"{field}: required, missing"
     if kind == "extra_forbidden":
+        if field in RETIRED_KEYS:
+            return f"{field}: {RETIRED_KEYS[field]}"
         allowed = _allowed_keys(err["loc"][:-1])
         hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
         return f"{field}: unknown key{hint}"

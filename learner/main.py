@@ -86,10 +86,21 @@ def run(cfg: JobConfig, resume: str, dry_run: bool = False) -> None:
         ray.shutdown()
 
 
+def check_objective(cfg: JobConfig, source: str) -> None:
+    """The objective's name and the config relations it needs (ConfigError naming the config file)."""
+    from learner.objectives.registry import objective_for
+
+    try:
+        objective_for(cfg)
+    except ConfigError as e:
+        raise ConfigError(e.problems, source) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.cfg, args.set)
+        check_objective(cfg, args.cfg)
     except ConfigError as e:
         if args.debug:
             raise

@@ -19,7 +19,8 @@ token_embedding / positional_embedding -> text_model.embeddings.token_embedding 
 -> text_model.final_layer_norm, text_projection (D, P) -> text_projection.weight transposed, logit_scale as is.
 open_clip's ViT-H-14 uses plain (erf) GELU, not OpenAI's quick_gelu, and LayerNorm eps 1e-5. open_clip pools the text
 at the argmax token id, the end-of-text token; transformers pools at the first `eos_token_id`, set from the tokenizer.
-The score is the plain cosine (≈0.2–0.3 for real images) as in MATH.md, not the ×100 of the HPS paper's tables.
+The score is the plain cosine (≈0.2–0.3 for real images) as in docs/math.md "Reward definitions", not the ×100 of the
+HPS paper's tables.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from cluster.errors import first_line
 from rewards.base import Scorer, ScoreResult
 from rewards.clip_common import (
     ClipEncoder,
@@ -153,7 +155,7 @@ def clip_from_open_clip(state_dict: Mapping[str, torch.Tensor], config: Any, dty
         model.load_state_dict(converted, strict=True)
     except RuntimeError as err:
         raise RewardLoadError(f"hpsv2: the converted checkpoint does not fit the architecture read from it "
-                              f"({str(err).splitlines()[0]} ...)") from err
+                              f"({first_line(err)} ...)") from err
     return model
 
 
@@ -161,29 +163,27 @@ class HPSv2(Scorer):
     """Human Preference Score v2(.1) of an image for its prompt."""
 
     name = "hpsv2"
+    path_options = {"path": "file", "processor_path": "processor"}
 
     @classmethod
     def check(cls, path: str = HPS_REPO, filename: str | None = HPS_V21_FILE, processor_path: str = CLIP_H_PROCESSOR,
-              device: str = "cpu", dtype: str = "float32", allow_download: bool = False, vision_heads: int = 16,
-              text_heads: int = 16, activation: str = "gelu", batch_size: int = 16) -> None:
+              device: str = "cpu", dtype: str = "float32", vision_heads: int = 16, text_heads: int = 16,
+              activation: str = "gelu", batch_size: int = 16) -> None:
         if activation not in ("gelu", "quick_gelu"):
             raise ValueError(f"{cls.name}: activation must be 'gelu' (open_clip ViT-H-14) or 'quick_gelu' "
                              f"(OpenAI CLIP), got {activation!r}")
         torch_dtype(cls.name, dtype)
-        find_pretrained(cls.name, processor_path, allow_download=allow_download, kind="processor",
-                        option="processor_path")
-        resolve_file(cls.name, path, filename, allow_download=allow_download)
+        find_pretrained(cls.name, processor_path, kind="processor", option="processor_path")
+        resolve_file(cls.name, path, filename)
 
     def __init__(self, path: str = HPS_REPO, filename: str | None = HPS_V21_FILE,
                  processor_path: str = CLIP_H_PROCESSOR, device: str = "cpu", dtype: str = "float32",
-                 allow_download: bool = False, vision_heads: int = 16, text_heads: int = 16,
-                 activation: str = "gelu", batch_size: int = 16):
+                 vision_heads: int = 16, text_heads: int = 16, activation: str = "gelu", batch_size: int = 16):
         self.check(path=path, filename=filename, processor_path=processor_path, device=device, dtype=dtype,
-                   allow_download=allow_download, vision_heads=vision_heads, text_heads=text_heads,
-                   activation=activation, batch_size=batch_size)
+                   vision_heads=vision_heads, text_heads=text_heads, activation=activation, batch_size=batch_size)
         dev = torch_device(self.name, device)
-        processor = load_clip_processor(self.name, processor_path, allow_download=allow_download)
-        file = resolve_file(self.name, path, filename, allow_download=allow_download)
+        processor = load_clip_processor(self.name, processor_path)
+        file = resolve_file(self.name, path, filename)
         state_dict = load_state_dict(self.name, file)
         tok = processor.tokenizer
         config = clip_config_from_open_clip(

@@ -3,7 +3,8 @@ and the adapter itself. No Ray here: `rollout/weights.py` moves these states bet
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 
@@ -57,3 +58,13 @@ def apply_policy_state(transformer: torch.nn.Module, state: Mapping[str, torch.T
         set_peft_model_state_dict(transformer, dict(state))
     else:
         transformer.load_state_dict(dict(state), strict=True)
+
+
+@contextmanager
+def adapter_disabled(transformer: torch.nn.Module) -> Iterator[None]:
+    """The base model: the peft adapter switched off inside the block (the reference policy), on again after it."""
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()

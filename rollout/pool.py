@@ -22,10 +22,11 @@ from ray.exceptions import ActorUnavailableError, ObjectLostError, RayActorError
 from tqdm import tqdm
 
 from cluster.config import JobConfig
+from cluster.errors import first_line
 from cluster.pools import ActorPool, describe
 from rollout.models.contract import PromptEmbeds
 from rollout.prompts.groups import PromptGroup
-from rollout.sampling.trajectory import Trajectories
+from rollout.sampling.trajectory import SamplerSettings, Trajectories
 from rollout.weights import PackedState
 from rollout.worker import RolloutWorker
 
@@ -50,22 +51,21 @@ class _Slot:
     policy_version: int | None = None  # the version of the last group it delivered
 
 
-def _cause(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-
-
 class RolloutPool:
     """Rollout actors with the job's per-actor resources, fed from one queue of groups."""
 
-    def __init__(self, cfg: JobConfig, store_name: str | None = None, num_workers: int | None = None, *,
-                 actors: ActorPool | None = None, report: Callable[[str, str], None] | None = None) -> None:
-        """`store_name`: the job's WeightStore (`weight_store_name(cfg.run_name)`), None for fixed base weights.
+    def __init__(self, cfg: JobConfig, settings: SamplerSettings, store_name: str | None = None,
+                 num_workers: int | None = None, *, actors: ActorPool | None = None,
+                 report: Callable[[str, str], None] | None = None) -> None:
+        """`settings`: how the training rollouts sample and what they return (the objective's `rollout_settings`).
+        `store_name`: the job's WeightStore (`weight_store_name(key)`), None for fixed base weights.
         `actors`: the rollout pool's reserved placement (made here when not given). `report(event, message)` hears of
         every worker death and re-queued group."""
         if not ray.is_initialized():
             raise RuntimeError("start Ray before the rollout pool (cluster.runtime.start_ray), or it starts one of its "
                                "own that listens on every network address")
         self._cfg = cfg
+        self._settings = settings
         self._store_name = store_name
         self._actors = actors or ActorPool("rollout", RolloutWorker, cfg.rollout,
                                            placement_timeout_s=cfg.ray.placement_timeout_s)
@@ -77,7 +77,6 @@ class RolloutPool:
         self._done: deque[Trajectories] = deque()  # sampled, not yet taken by next_result
         self._attempts: dict[int, int] = {}
         self.requeued = 0  # groups queued again because their worker died or became unreachable
-        self.deaths = 0  # calls lost to a worker that died or became unreachable
         self.resize(num_workers if num_workers is not None else cfg.rollout.num_actors)
 
     @property
@@ -241,7 +240,7 @@ class RolloutPool:
 
     def _spawn(self) -> _Slot:
         name = f"rollout-{self._actors.spawned}"
-        handle = self._actors.spawn(self._cfg, self._store_name, name)
+        handle = self._actors.spawn(self._cfg, self._settings, self._store_name, name)
         return _Slot(handle, name, node=handle.node.remote())
 
     def _remove(self, slot: _Slot) -> None:
@@ -263,7 +262,6 @@ class RolloutPool:
         """Put a group whose call was lost back at the front of the queue, and say so."""
         self._queue.appendleft(group)
         self.requeued += 1
-        self.deaths += 1
         self._report(event, f"rollout actor {slot.name} {why}; group {group.group_id} ({group.prompt!r}) is "
                             f"queued again ({self.requeued} re-queued so far)")
 
@@ -316,7 +314,7 @@ class RolloutPool:
         if attempts > self._cfg.rollout.max_restarts + 1:
             raise RuntimeError(f"group {group.group_id} ({group.prompt!r}): its rollout worker died {attempts} times; "
                                f"giving up (rollout.max_restarts = {self._cfg.rollout.max_restarts})")
-        self._requeue(slot, group, "rollout_actor_died", f"died ({_cause(err)})")
+        self._requeue(slot, group, "rollout_actor_died", f"died ({first_line(err)})")
         slot.failures += 1
         if slot.retiring or slot.failures > self._cfg.rollout.max_restarts:
             self._replace(slot, err)
@@ -330,5 +328,5 @@ class RolloutPool:
         if not slot.retiring:
             fresh = self._spawn()
             self._slots.append(fresh)
-            self._report("rollout_actor_replaced", f"rollout actor {slot.name} is gone for good ({_cause(err)}); "
+            self._report("rollout_actor_replaced", f"rollout actor {slot.name} is gone for good ({first_line(err)}); "
                                                    f"{fresh.name} takes its place")

@@ -31,8 +31,10 @@ class RolloutWorker:
     so a restarted or newly added actor is never stale; before each group it checks the store again.
     """
 
-    def __init__(self, cfg: JobConfig, store_name: str | None = None, name: str = "rollout-0") -> None:
-        """`name`: the actor's label in the metrics (kept across Ray's restarts of the actor)."""
+    def __init__(self, cfg: JobConfig, settings: SamplerSettings, store_name: str | None = None,
+                 name: str = "rollout-0") -> None:
+        """`settings`: how the training rollouts sample and what they return (the objective's `rollout_settings`).
+        `name`: the actor's label in the metrics (kept across Ray's restarts of the actor)."""
         self._name = name
         self._metrics = Recorder(cfg.metrics.enabled)
         self._metrics.zero("rollout_images_total", actor=name)
@@ -44,7 +46,7 @@ class RolloutWorker:
         model.transformer.requires_grad_(False).eval()
         if cfg.model.compile:  # after the LoRA: the same compiled blocks as the learner's recompute
             compile_blocks(model.transformer)
-        self._sampler = RolloutSampler(model, SamplerSettings.from_config(cfg), cfg.seed)
+        self._sampler = RolloutSampler(model, settings, cfg.seed)
         self._eval = cfg.eval
         self._store: Any = None
         if store_name is not None:
@@ -53,7 +55,7 @@ class RolloutWorker:
             except ValueError:
                 raise ValueError(
                     f"no WeightStore named {store_name!r} in this Ray namespace: the driver creates it with "
-                    f"rollout.weights.weight_store(run_name) before starting rollout workers"
+                    f"rollout.weights.weight_store(key) before starting rollout workers"
                 ) from None
         self._version = 0  # the base model (LoRA B = 0) until a version is published
         self.refresh_weights()

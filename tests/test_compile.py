@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from cluster.config import LoraConfig
-from learner.objectives.batch import micro_batch, score_recorded_step
+from learner.objectives.grpo import micro_batch, score_recorded_step
 from rollout.models.compile import compile_blocks, decompile_blocks, repeated_block_names
 from rollout.models.loading import adapter
 from rollout.models.tiny import build_tiny_pipeline

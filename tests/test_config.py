@@ -10,6 +10,7 @@ import yaml
 from cluster.config import ConfigError, JobConfig
 from cluster.config_loading import load_config, validate_config
 from learner.main import main
+from learner.objectives.registry import objective_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ["tiny", "flux", "sd3", "sd3_fast_nocfg", "sd3_nft"]
@@ -30,21 +31,21 @@ def test_shipped_config_validates_and_round_trips(name, tmp_path):
 PAPERS = {
     "sd3": {"model.family": "sd3", "sampler.kind": "sde", "sampler.noise_level": 0.7, "sampler.num_steps": 10,
             "eval.num_steps": 40, "sampler.guidance_scale": 4.5, "data.group_size": 24, "groups": 48,
-            "learner.beta": 0.04, "learner.lora.rank": 32, "learner.lora.alpha": 64, "learner.clip_range": 1e-4,
+            "learner.kl_beta": 0.04, "learner.lora.rank": 32, "learner.lora.alpha": 64, "learner.clip_range": 1e-4,
             "learner.updates_per_iteration": 2, "reward": "geneval", "true_cfg": True, "lora_on": "attention",
             "trained_steps": 9, "data.source": "geneval_generate"},
     "flux": {"model.family": "flux", "sampler.kind": "cps", "sampler.noise_level": 0.9, "sampler.num_steps": 6,
              "eval.num_steps": 28, "sampler.guidance_scale": 3.5, "data.group_size": 24, "groups": 48,
-             "learner.beta": 0.0, "learner.lora.rank": 64, "learner.lora.alpha": 128, "learner.clip_range": 1e-4,
+             "learner.kl_beta": 0.0, "learner.lora.rank": 64, "learner.lora.alpha": 128, "learner.clip_range": 1e-4,
              "learner.updates_per_iteration": 2, "reward": "pickscore", "true_cfg": False,
              "lora_on": "attention and feed-forward", "trained_steps": 5, "data.source": "text"},
-    # flow_grpo's "nocfg" recipe (MATH.md "Training without CFG"): the Fast CPS setting with guidance 1 throughout
+    # flow_grpo's "nocfg" recipe (docs/math.md "Training without CFG"): the Fast CPS setting with guidance 1 throughout
     "sd3_fast_nocfg": {"model.family": "sd3", "sampler.kind": "cps", "sampler.noise_level": 0.8,
                        "sampler.num_steps": 10, "sampler.guidance_scale": 1.0, "trained_steps": 3,
-                       "learner.clip_range": 1e-5, "learner.beta": 0.0, "learner.lr": 3e-4, "reward": "geneval"},
+                       "learner.clip_range": 1e-5, "learner.kl_beta": 0.0, "learner.lr": 3e-4, "reward": "geneval"},
     # DiffusionNFT's defaults (arXiv 2509.16117)
     "sd3_nft": {"model.family": "sd3", "learner.objective": "nft", "sampler.kind": "ode", "sampler.num_steps": 10,
-                "sampler.guidance_scale": 1.0, "learner.nft_beta": 1.0, "learner.beta": 1e-4, "learner.lr": 3e-4,
+                "sampler.guidance_scale": 1.0, "learner.nft_beta": 1.0, "learner.ref_beta": 1e-4, "learner.lr": 3e-4,
                 "learner.lora.rank": 32, "learner.lora.alpha": 64, "lora_on": "attention", "data.group_size": 24,
                 "groups": 48, "learner.updates_per_iteration": 1, "trained_steps": 9, "reward": "geneval"},
 }
@@ -57,7 +58,7 @@ def _setting(cfg: JobConfig, key: str):
     targets = cfg.learner.lora.target_modules
     derived = {
         "groups": lambda: cfg.data.images_per_iteration // cfg.data.group_size,
-        "trained_steps": lambda: cfg.trained_steps,
+        "trained_steps": lambda: objective_for(cfg).calls_per_micro_batch,
         "reward": lambda: "+".join(s.name for s in cfg.rewards.scorers if s.weight),
         # true CFG: the learner recomputes log-probs with the sampling forward, so training uses it as sampling does
         "true_cfg": lambda: adapter(cfg.model.family).true_cfg,
@@ -129,6 +130,9 @@ BAD = [
     (["learner.objective=awm", "learner.zero_stage=3"], "learner.zero_stage"),
     (["learner.objective=nft", "learner.finetune=full"], "learner.finetune"),
     (["learner.objective=nft", "learner.nft_beta=0"], "learner.nft_beta"),
+    (["learner.objective=nft", "sampler.fast_window=null", "learner.kl_beta=0.1"], "learner.kl_beta"),
+    (["learner.ref_beta=0.1"], "learner.ref_beta"),  # grpo's reference term is kl_beta
+    (["learner.beta=0.1"], "learner.beta"),  # the retired key
     (["learner.ratio_norm=true", "sampler.kind=sde", "learner.log_prob_reduction=sum"], "learner.ratio_norm"),
     (["data.group_size=1"], "data.group_size"),
     (["learner.micro_batch_size=3"], "learner.micro_batch_size"),
@@ -159,8 +163,9 @@ def test_the_noise_level_range_of_cps_is_checked_in_the_config():
 
 def test_full_fine_tuning_with_a_kl_term_is_a_valid_config():
     # the learner then keeps a frozen copy of the transformer as the KL reference (learner/ranks/actor.py)
-    cfg = load_config(ROOT / "cluster/tiny.yaml", ["learner.finetune=full", "learner.beta=0.04"])
-    assert (cfg.learner.finetune, cfg.learner.beta) == ("full", 0.04)
+    cfg = load_config(ROOT / "cluster/tiny.yaml", ["learner.finetune=full", "learner.kl_beta=0.04"])
+    assert (cfg.learner.finetune, cfg.learner.kl_beta) == ("full", 0.04)
+    objective_for(cfg)  # and GRPO's own checks pass
 
 
 @pytest.mark.parametrize("overrides,field", BAD, ids=[f for _, f in BAD])
@@ -240,14 +245,28 @@ def test_defaults_match_math_md():
     assert c.ray.host == "127.0.0.1" and c.metrics.port == 9400
 
 
-def test_forward_objectives_sample_with_the_ode_unless_told_and_train_at_099_of_the_levels():
-    data = yaml.safe_load((ROOT / "cluster/tiny.yaml").read_text())
-    del data["sampler"]["kind"]
-    data["learner"]["objective"] = "nft"
-    cfg = validate_config(data)
-    assert cfg.sampler.kind == "ode" and cfg.trained_steps == 3  # ⌊0.99·4⌋ of the 4 levels
-    data["sampler"]["kind"] = "sde"
-    assert validate_config(data).sampler.kind == "sde"  # any sampler works
-    data["learner"]["objective"] = "grpo"
-    del data["sampler"]["kind"]
-    assert validate_config(data).sampler.kind == "cps"  # GRPO keeps the default rule
+def test_the_objective_decides_what_rollouts_return_and_how_many_calls_a_micro_batch_makes():
+    nft = load_config(ROOT / "cluster/tiny.yaml", ["learner.objective=nft", "sampler.kind=ode",
+                                                   "sampler.fast_window=null"])
+    objective = objective_for(nft)
+    assert objective.calls_per_micro_batch == 3  # ⌊0.99·4⌋ of the 4 levels
+    assert not objective.rollout_settings().record_steps  # final samples only
+    assert (objective.trailing_adapter, objective.publishes_trailing) == ("old", True)
+    sde_nft = load_config(ROOT / "cluster/tiny.yaml", ["learner.objective=awm", "sampler.kind=sde",
+                                                       "sampler.fast_window=null"])
+    assert objective_for(sde_nft).rollout_settings().kind == "sde"  # any sampler works
+    grpo = load_config(ROOT / "cluster/tiny.yaml", ["sampler.kind=sde", "learner.ratio_norm=true"])
+    settings = objective_for(grpo).rollout_settings()
+    assert settings.record_steps and settings.record_means  # GRPO-Guard needs the recorded means
+    assert objective_for(grpo).calls_per_micro_batch == grpo.trained_steps
+
+
+def test_the_retired_beta_says_what_replaced_it():
+    with pytest.raises(ConfigError, match=r"learner\.beta: split in two: learner\.kl_beta .* learner\.ref_beta"):
+        load_config(ROOT / "cluster/tiny.yaml", ["learner.beta=0.04"])
+
+
+def test_an_unknown_objective_lists_the_registered_ones():
+    cfg = load_config(ROOT / "cluster/tiny.yaml", ["learner.objective=ppo"])
+    with pytest.raises(ConfigError, match="'ppo': no such objective; allowed: grpo, nft, awm"):
+        objective_for(cfg)

@@ -1,8 +1,10 @@
-"""DiffusionNFT and AWM losses against MATH.md's closed forms ("Forward-process objectives"): the reward → optimality
-probability map, v⁺ + v⁻ = 2·v_old, the NFT gradient at v_θ = v_old (advantage-weighted flow matching, any β), the
-minimiser without weighting, the soft-update schedules, AWM's gradient and timestep strata."""
+"""DiffusionNFT and AWM losses against docs/math.md's closed forms ("Forward-process objectives"): the reward →
+optimality probability map, v⁺ + v⁻ = 2·v_old, the NFT gradient at v_θ = v_old (advantage-weighted flow matching, any
+β), the minimiser without weighting, the soft-update schedules, AWM's gradient and timestep strata."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +20,11 @@ from learner.objectives.final_sample_math import (
     old_adapter_decay,
     optimality_probability,
     prox_adapter_decay,
+    reference_distance,
     soft_update,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 C = 5.0
 
 
@@ -82,14 +86,15 @@ def test_without_weighting_gradient_descent_reaches_the_closed_form_minimiser(be
     torch.testing.assert_close(v_theta.detach(), expected, atol=1e-8, rtol=0)
 
 
-def test_nft_kl_term_and_bad_beta():
+def test_reference_distance_and_bad_nft_beta():
     x0, noise, t, v_old, adv = _batch()
     x_t, _ = forward_process(x0, noise, t)
     r = optimality_probability(adv, C)
-    v_ref = v_old + 0.5
-    base = nft_loss(x0, x_t, t, v_old, v_old, r, beta=1.0, clip=C)
-    with_kl = nft_loss(x0, x_t, t, v_old, v_old, r, beta=1.0, clip=C, v_ref=v_ref, beta_kl=1e-4)
-    assert float(with_kl - base) == pytest.approx(1e-4 * 0.25, rel=1e-9)
+    v_theta = v_old.clone().requires_grad_(True)
+    distance = reference_distance(v_theta, v_old + 0.5)
+    assert float(distance.detach()) == pytest.approx(0.25, rel=1e-12)  # every element 0.5 away
+    distance.backward()  # d/dv mean (v − v_ref)² = 2 (v − v_ref) / n, and none into v_ref
+    torch.testing.assert_close(v_theta.grad, torch.full_like(v_old, -1.0 / v_old.numel()))
     with pytest.raises(ValueError, match="beta"):
         nft_loss(x0, x_t, t, v_old, v_old, r, beta=0.0, clip=C)
 
@@ -116,13 +121,12 @@ def test_awm_gradient_is_advantage_times_t_times_l_to_the_p_minus_1():
     torch.testing.assert_close(v_theta.grad, expected, atol=1e-12, rtol=1e-9)
 
 
-def test_awm_regularisers_pull_towards_reference_and_prox():
+def test_awm_prox_term_pulls_towards_the_prox_adapter():
     x0, noise, t, v_old, adv = _batch()
     _, v = forward_process(x0, noise, t)
     zero = torch.zeros(4, dtype=torch.float64)
     base = awm_loss(v_old, v, t, zero)
     assert float(base) == 0.0
-    assert float(awm_loss(v_old, v, t, zero, v_ref=v_old + 1.0, beta_ref=1e-3)) == pytest.approx(1e-3)
     assert float(awm_loss(v_old, v, t, zero, v_prox=v_old - 2.0)) == pytest.approx(4.0)
 
 
@@ -138,30 +142,35 @@ def test_timestep_indices_nft_permutation_and_awm_strata():
         assert set(awm[:, column].tolist()) == set(range(lo, hi))
 
 
-def test_noised_inputs_follow_the_forward_process_and_are_reproducible():
-    from learner.objectives.final_batch import FinalBatch, noised_inputs
+@pytest.mark.parametrize("name", ["nft", "awm"])
+def test_noised_inputs_follow_the_forward_process_and_are_reproducible(name):
+    from cluster.config_loading import load_config
+    from learner.objectives.final_samples import FinalBatch
+    from learner.objectives.registry import objective_for
     from rollout.sampling.trajectory import SamplerSettings
 
+    cfg = load_config(ROOT / "cluster/tiny.yaml", [f"learner.objective={name}", "sampler.kind=ode",
+                                                   "sampler.fast_window=null", "sampler.num_steps=10"])
+    objective = objective_for(cfg)
     settings = SamplerSettings(kind="ode", noise_level=0.0, log_prob_form="squared", guidance_scale=1.0, height=8,
                                width=8, num_steps=10, samples_per_forward=4, trained_steps=9, record_steps=False)
     sigmas = torch.linspace(1.0, 0.0, 11)
     x0 = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(0))
     batch = FinalBatch(samples=((0, 0), (0, 1), (1, 0)), keys=((7, 0), (7, 1), (9, 0)), x0=x0,
                        advantages=torch.zeros(3), embeds=None, sigmas=sigmas, settings=settings)
-    for objective in ("nft", "awm"):
-        inputs = noised_inputs(batch, objective, 9, seed=0, version=4)
-        assert len(inputs) == 9
-        levels = torch.stack([t for t, _, _ in inputs], dim=1)  # (B, 9)
-        for t, x_t, v in inputs:
-            noise = v + x0
-            torch.testing.assert_close(x_t, (1 - t)[:, None, None] * x0 + t[:, None, None] * noise)
-            assert all(torch.isclose(value, sigmas[:10]).any() for value in t)  # the schedule's own levels
-        if objective == "nft":  # each sample: 9 distinct levels of the 10
-            assert all(len(set(row.tolist())) == 9 for row in levels)
-            assert not torch.equal(levels[0], levels[1])
-        else:  # one per stratum, never t = 1
-            assert float(levels.max()) < 1.0
-        again = noised_inputs(batch, objective, 9, seed=0, version=4)
-        assert all(torch.equal(a[1], b[1]) for a, b in zip(inputs, again))
-        other = noised_inputs(batch, objective, 9, seed=0, version=5)
-        assert not torch.equal(inputs[0][1], other[0][1])
+    inputs = objective.noised_inputs(batch, version=4)
+    assert len(inputs) == objective.calls_per_micro_batch == 9  # ⌊0.99·10⌋
+    levels = torch.stack([t for t, _, _ in inputs], dim=1)  # (B, 9)
+    for t, x_t, v in inputs:
+        noise = v + x0
+        torch.testing.assert_close(x_t, (1 - t)[:, None, None] * x0 + t[:, None, None] * noise)
+        assert all(torch.isclose(value, sigmas[:10]).any() for value in t)  # the schedule's own levels
+    if objective.publishes_trailing:  # nft: each sample 9 distinct levels of the 10
+        assert all(len(set(row.tolist())) == 9 for row in levels)
+        assert not torch.equal(levels[0], levels[1])
+    else:  # awm: one per stratum, never t = 1
+        assert float(levels.max()) < 1.0
+    again = objective.noised_inputs(batch, version=4)
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(inputs, again))
+    other = objective.noised_inputs(batch, version=5)
+    assert not torch.equal(inputs[0][1], other[0][1])

@@ -1,6 +1,6 @@
-"""GRPO-Guard (MATH.md "GRPO-Guard"): the normalised log-ratio equals mean_D(z ⊙ δ), its spread over the noise is that
-of a centred ratio, the 1/Δ weight gives every Flow-SDE step the same gradient scale on v, and a rollout that records
-its means reproduces a zero log-ratio through the learner's own recompute."""
+"""GRPO-Guard (docs/math.md "GRPO-Guard"): the normalised log-ratio equals mean_D(z ⊙ δ), its spread over the noise is
+that of a centred ratio, the 1/Δ weight gives every Flow-SDE step the same gradient scale on v, and a rollout that
+records its means reproduces a zero log-ratio through the learner's own recompute."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import math
 import pytest
 import torch
 
-from learner.objectives.batch import MicroBatch, micro_batch, sample_order, score_recorded_step
+from learner.objectives.grpo import MicroBatch, micro_batch, score_recorded_step, step_loss
+from learner.objectives.batch import sample_order
 from learner.objectives.grpo_math import guard_log_ratio
-from learner.objectives.grpo_loss import step_loss
+from learner.objectives.registry import objective_for
 from rollout.models.loading import load_flow_model
 from rollout.prompts.groups import PromptGroup
 from rollout.sampling.loop import RolloutSampler
@@ -86,7 +87,7 @@ def test_on_policy_the_gradient_on_v_is_the_same_at_every_flow_sde_step(index):
     old = step("sde", x, v_old, SIGMAS, index, noise_level=A, noise=z, log_prob_form="gaussian")
     v = v_old.clone().requires_grad_(True)
     new = step("sde", x, v, SIGMAS, index, noise_level=A, prev_sample=old.prev_sample, log_prob_form="gaussian")
-    call = step_loss(new, _micro_batch(old, index, advantages), 0, clip_range=2e-6, beta=0.0, ratio_norm=True)
+    call = step_loss(new, _micro_batch(old, index, advantages), 0, clip_range=2e-6, kl_beta=0.0, ratio_norm=True)
     call.loss.backward()
     b, d = x.shape[0], x[0].numel()
     expected = advantages.reshape(-1, 1, 1, 1) * (1 + A * A / 2) * z / (b * d)
@@ -127,7 +128,7 @@ def test_the_learner_trains_with_the_normalised_ratio(ray_local, tiny_model_dirs
     from cluster.config import PoolConfig
     from cluster.config_loading import validate_config
     from learner.ranks.actor import LearnerActor
-    from learner.ranks.process_group import ActorGroup
+    from learner.ranks.process_group import RankGroup
     from rollout.policy import add_lora
 
     lora = {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
@@ -139,17 +140,17 @@ def test_the_learner_trains_with_the_normalised_ratio(ray_local, tiny_model_dirs
         rollout=dict(samples_per_forward=2),
         rewards=dict(scorers=[dict(name="jpeg_compressibility")]),
         learner=dict(num_actors=1, num_cpus_per_actor=0.5, zero_stage=2, precision="fp32", lora=lora, lr=1e-3,
-                     beta=0.0, clip_range=0.2, ratio_norm=True, advantage_std="group", micro_batch_size=2),
+                     kl_beta=0.0, clip_range=0.2, ratio_norm=True, advantage_std="group", micro_batch_size=2),
         data=dict(group_size=4, images_per_iteration=8),
     ))
     model = load_flow_model(cfg.model.path, "sd3", max_sequence_length=32)
     torch.manual_seed(0)
     add_lora(model.transformer, cfg.learner.lora)
-    sampler = RolloutSampler(model, SamplerSettings.from_config(cfg), run_seed=0)
+    sampler = RolloutSampler(model, objective_for(cfg).rollout_settings(), run_seed=0)
     groups = [sampler.sample_group(PromptGroup(g, f"prompt {g}", {}, tuple(range(10 * g, 10 * g + 4)))) for g in (1, 2)]
     assert all(t.means is not None for t in groups)
     rewards = [torch.tensor([0.1, 0.5, 0.3, 0.9]), torch.tensor([0.2, 0.2, 0.7, 0.0])]
-    group = ActorGroup(LearnerActor, PoolConfig(num_actors=1, num_cpus_per_actor=0.5))
+    group = RankGroup(LearnerActor, PoolConfig(num_actors=1, num_cpus_per_actor=0.5))
     try:
         ray_local.get(group.run("setup", cfg, negative=sampler.negative))
         before = ray_local.get(group.run("trainable_state"))[0]

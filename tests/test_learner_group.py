@@ -8,15 +8,15 @@ import torch
 from cluster.config import PoolConfig
 from cluster.config_loading import validate_config
 from learner.ranks.actor import LearnerActor
-from learner.objectives.batch import batch_advantages, micro_batch, sample_order, score_recorded_step, sort_batch, update_plan
+from learner.objectives.batch import batch_advantages, sample_order, sort_batch, update_plan
+from learner.objectives.grpo import micro_batch, score_recorded_step, step_loss
 from learner.ranks.engine import deepspeed_config
-from learner.ranks.process_group import ActorGroup
-from learner.objectives.grpo_loss import adapter_disabled, step_loss
+from learner.ranks.process_group import RankGroup
+from rollout.policy import adapter_disabled, add_lora
 from rollout.models.loading import load_flow_model
 from rollout.prompts.groups import PromptGroup
 from rollout.sampling.loop import RolloutSampler
 from rollout.sampling.trajectory import SamplerSettings
-from rollout.policy import add_lora
 from rollout.weights import fetch_state, weight_store
 
 LORA = {"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
@@ -31,7 +31,7 @@ def _config(model_dir, *, num_actors: int, micro_batch_size: int):
         rollout=dict(samples_per_forward=2),
         rewards=dict(scorers=[dict(name="jpeg_compressibility")]),
         learner=dict(num_actors=num_actors, num_cpus_per_actor=0.5, zero_stage=2, precision="fp32", lora=LORA,
-                     lr=1e-3, beta=0.04, clip_range=1e-4, updates_per_iteration=1, micro_batch_size=micro_batch_size,
+                     lr=1e-3, kl_beta=0.04, clip_range=1e-4, updates_per_iteration=1, micro_batch_size=micro_batch_size,
                      ema=dict(enabled=True, every=1)),
         data=dict(group_size=4, images_per_iteration=8),
     ))
@@ -72,7 +72,7 @@ def one_rank(ray_local, tiny_model_dirs, batch):
     ray = ray_local
     cfg = _config(tiny_model_dirs["flux"], num_actors=1, micro_batch_size=2)
     store = weight_store("test-learner-one-rank")
-    group = ActorGroup(LearnerActor, PoolConfig(num_actors=1, num_cpus_per_actor=0.5))
+    group = RankGroup(LearnerActor, PoolConfig(num_actors=1, num_cpus_per_actor=0.5))
     info = ray.get(group.run("setup", cfg, store=store))[0]
     initial = ray.get(group.run("trainable_state"))[0]
     first = _train(ray, group, batch, 1)[0]
@@ -81,12 +81,13 @@ def one_rank(ray_local, tiny_model_dirs, batch):
     state_after_first = ray.get(group.run("state"))[0]
     second = _train(ray, group, batch, 1)[0]
     yield dict(cfg=cfg, group=group, info=info, initial=initial, first=first, second=second, published=published,
-               state_after_first=state_after_first, ema=ray.get(group.run("ema_state"))[0],
+               state_after_first=state_after_first, ema=ray.get(group.run("state"))[0]["ema"]["weights"],
                counters=ray.get(group.run("counters"))[0])
     group.kill()
     ray.kill(store)
 
 
+@pytest.mark.slow
 def test_one_rank_trains_the_lora_and_publishes_it(one_rank):
     info, initial, first, second = one_rank["info"], one_rank["initial"], one_rank["first"], one_rank["second"]
     assert info["gradient_accumulation_steps"] == 4 * 2  # 4 micro-batches of 2 x 2 trained steps
@@ -113,6 +114,7 @@ def test_one_rank_trains_the_lora_and_publishes_it(one_rank):
     assert one_rank["counters"] == {"optimizer_steps": 2, "iterations": 2, "ema_updates": 2}
 
 
+@pytest.mark.slow
 def test_gradient_is_the_mean_over_micro_batches_and_steps(one_rank, batch):
     """DeepSpeed divides by its M·K accumulation count once: the first update's norm is that of the plain mean loss."""
     cfg = one_rank["cfg"]
@@ -131,12 +133,13 @@ def test_gradient_is_the_mean_over_micro_batches_and_steps(one_rank, batch):
         with torch.no_grad(), adapter_disabled(model.transformer):
             reference = score_recorded_step(model, mb, k, None).mean
         scored = score_recorded_step(model, mb, k, None)
-        total = total + step_loss(scored, mb, k, clip_range=1e-4, beta=0.04, reference_mean=reference)[0] / len(calls)
+        total = total + step_loss(scored, mb, k, clip_range=1e-4, kl_beta=0.04, reference_mean=reference)[0] / len(calls)
     total.backward()
     norm = torch.cat([p.grad.reshape(-1) for p in model.transformer.parameters() if p.grad is not None]).norm()
     assert one_rank["first"]["updates"][0]["grad_norm"] == pytest.approx(float(norm), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_ema_follows_the_decay_schedule_over_updates(one_rank):
     w0, w1, w2 = one_rank["initial"], one_rank["first"]["weights"], one_rank["second"]["weights"]
     ema = one_rank["ema"]
@@ -145,6 +148,7 @@ def test_ema_follows_the_decay_schedule_over_updates(one_rank):
         assert torch.allclose(ema[k], expected, rtol=1e-6, atol=1e-9), k
 
 
+@pytest.mark.slow
 def test_loading_a_state_resumes_exactly(ray_local, one_rank, batch):
     group = one_rank["group"]
     ray_local.get(group.run("load_state", one_rank["state_after_first"]))
@@ -154,11 +158,12 @@ def test_loading_a_state_resumes_exactly(ray_local, one_rank, batch):
     assert all(torch.equal(again["weights"][k], one_rank["second"]["weights"][k]) for k in again["weights"])
 
 
+@pytest.mark.slow
 def test_two_ranks_train_the_same_lora_as_one(ray_local, one_rank, tiny_model_dirs, batch):
     one_rank["group"].kill()
     cfg = _config(tiny_model_dirs["flux"], num_actors=2, micro_batch_size=2)
-    assert deepspeed_config(cfg)["gradient_accumulation_steps"] == 2 * 2  # each rank: 2 micro-batches x 2 steps
-    group = ActorGroup(LearnerActor, PoolConfig(num_actors=2, num_cpus_per_actor=0.5))
+    assert deepspeed_config(cfg, cfg.trained_steps)["gradient_accumulation_steps"] == 2 * 2  # each rank: 2 micro-batches x 2 steps
+    group = RankGroup(LearnerActor, PoolConfig(num_actors=2, num_cpus_per_actor=0.5))
     try:
         ray_local.get(group.run("setup", cfg))
         first, second = _train(ray_local, group, batch, 2)
@@ -173,6 +178,7 @@ def test_two_ranks_train_the_same_lora_as_one(ray_local, one_rank, tiny_model_di
     assert first["updates"][0]["grad_norm"] == pytest.approx(one_rank["first"]["updates"][0]["grad_norm"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_nonfinite_update_is_skipped_on_every_rank_alike(ray_local, tiny_model_dirs, batch):
     """A NaN recorded log-prob in one sample of rank 1 only: both ranks skip the update (DeepSpeed's overflow check is
     all-reduced), weights, optimizer moments and version stay as they were, and the next clean update applies."""
@@ -189,7 +195,7 @@ def test_a_nonfinite_update_is_skipped_on_every_rank_alike(ray_local, tiny_model
     poisoned[g] = dataclasses.replace(groups[g], log_probs=log_probs)
     assert (g, i) not in {samples[q] for micro in plan[0] for q in micro}  # rank 0 never sees the NaN
 
-    group = ActorGroup(LearnerActor, PoolConfig(num_actors=2, num_cpus_per_actor=0.5))
+    group = RankGroup(LearnerActor, PoolConfig(num_actors=2, num_cpus_per_actor=0.5))
     try:
         ray_local.get(group.run("setup", cfg))
         _train(ray_local, group, batch, 1)  # a clean update first: the optimizer has moments to keep
@@ -221,6 +227,7 @@ def _tensors(tree) -> list[torch.Tensor]:
     return []
 
 
+@pytest.mark.slow
 def test_zero3_with_true_cfg_recomputes_exactly_and_publishes_the_gathered_lora(ray_local, tiny_model_dirs):
     cfg = validate_config(dict(
         run_name="learner-test-zero3",
@@ -230,7 +237,7 @@ def test_zero3_with_true_cfg_recomputes_exactly_and_publishes_the_gathered_lora(
         rollout=dict(samples_per_forward=4),
         rewards=dict(scorers=[dict(name="jpeg_compressibility")]),
         learner=dict(num_actors=1, num_cpus_per_actor=0.5, zero_stage=3, precision="fp32", lora=LORA, lr=1e-3,
-                     beta=0.04, updates_per_iteration=1, micro_batch_size=4),
+                     kl_beta=0.04, updates_per_iteration=1, micro_batch_size=4),
         data=dict(group_size=4, images_per_iteration=4),
     ))
     model = load_flow_model(cfg.model.path, "sd3", max_sequence_length=32)
@@ -238,7 +245,7 @@ def test_zero3_with_true_cfg_recomputes_exactly_and_publishes_the_gathered_lora(
     sampler = RolloutSampler(model, SamplerSettings.from_config(cfg), run_seed=0)
     groups = [sampler.sample_group(PromptGroup(9, "a red cube", {}, (1, 2, 3, 4)), 0)]
     store = weight_store("test-learner-zero3")
-    group = ActorGroup(LearnerActor, PoolConfig(num_actors=1, num_cpus_per_actor=0.5))
+    group = RankGroup(LearnerActor, PoolConfig(num_actors=1, num_cpus_per_actor=0.5))
     try:
         ray_local.get(group.run("setup", cfg, negative=sampler.negative, store=store))
         initial = ray_local.get(group.run("trainable_state"))[0]
@@ -262,17 +269,17 @@ def test_full_fine_tuning_is_published_in_buckets_and_the_rollout_model_equals_t
     from rollout.weights import weight_store_name
 
     data = _config(tiny_model_dirs["flux"], num_actors=1, micro_batch_size=2).model_dump()
-    data["learner"].update(finetune="full", beta=0.0, publish_bucket_mb=0.05, lr=1e-4)
+    data["learner"].update(finetune="full", kl_beta=0.0, publish_bucket_mb=0.05, lr=1e-4)
     data["rollout"].update(num_actors=1, num_cpus_per_actor=0.5)
     cfg = validate_config(data)
     store = weight_store("test-full-buckets")
-    group = ActorGroup(LearnerActor, PoolConfig(num_actors=1, num_cpus_per_actor=0.5))
+    group = RankGroup(LearnerActor, PoolConfig(num_actors=1, num_cpus_per_actor=0.5))
     try:
         ray_local.get(group.run("setup", cfg, store=store))
         result = _train(ray_local, group, (batch[0], batch[1]), 1)[0]
         learner_state = result["weights"]
         version, refs, metas = ray_local.get(store.latest.remote())
-        pool = RolloutPool(cfg, weight_store_name("test-full-buckets"))  # loads the latest version as it starts
+        pool = RolloutPool(cfg, SamplerSettings.from_config(cfg), weight_store_name("test-full-buckets"))  # loads the latest version as it starts
         try:
             worker = pool.workers[0]
             held = ray_local.get(worker.__ray_call__.remote(

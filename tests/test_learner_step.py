@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from cluster.config import LoraConfig
-from learner.objectives.batch import batch_advantages, micro_batch, sample_order, score_recorded_step, sort_batch, update_plan
+from learner.objectives.batch import batch_advantages, sample_order, sort_batch, update_plan
+from learner.objectives.grpo import micro_batch, score_recorded_step, step_loss
 from learner.ranks.ema import Ema, ema_decay
 from learner.objectives.grpo_math import policy_loss
-from learner.objectives.grpo_loss import StepLoss, UpdateStats, adapter_disabled, step_loss
+from learner.objectives.base import StepLoss, UpdateStats
+from rollout.policy import adapter_disabled, add_lora
 from rollout.models.loading import load_flow_model
 from rollout.prompts.groups import PromptGroup
 from rollout.sampling.forward import score_step
 from rollout.sampling.loop import RolloutSampler
 from rollout.sampling.trajectory import SamplerSettings
-from rollout.policy import add_lora
 
 LORA = LoraConfig(rank=4, alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
 SAMPLES_PER_FORWARD, NUM_STEPS = 2, 3
@@ -107,7 +108,7 @@ def test_reference_with_adapter_disabled_gives_zero_kl_then_positive(flux_rollou
     with torch.no_grad(), adapter_disabled(model.transformer):
         reference = score_recorded_step(model, mb, 1, negative).mean
     scored = score_recorded_step(model, mb, 1, negative)
-    _, _, kl_start, _ = step_loss(scored, mb, 1, clip_range=1e-4, beta=0.04, reference_mean=reference)
+    _, _, kl_start, _ = step_loss(scored, mb, 1, clip_range=1e-4, kl_beta=0.04, reference_mean=reference)
     assert float(kl_start.detach()) == 0.0  # B = 0: the policy is the reference
 
     lora_b = [p for n, p in model.transformer.named_parameters() if "lora_B" in n]
@@ -119,7 +120,7 @@ def test_reference_with_adapter_disabled_gives_zero_kl_then_positive(flux_rollou
         scored = score_recorded_step(model, mb, 1, negative)
         with torch.no_grad(), adapter_disabled(model.transformer):
             assert torch.equal(score_recorded_step(model, mb, 1, negative).mean, reference)
-        loss, policy, kl_after, _ = step_loss(scored, mb, 1, clip_range=1e-4, beta=0.04, reference_mean=reference)
+        loss, policy, kl_after, _ = step_loss(scored, mb, 1, clip_range=1e-4, kl_beta=0.04, reference_mean=reference)
         assert float(kl_after.detach()) > 0.0
         assert torch.allclose(loss, policy + 0.04 * kl_after)
 

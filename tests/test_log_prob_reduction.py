@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import torch
 
-from learner.objectives.grpo_loss import step_loss
+from learner.objectives.grpo import step_loss
 from rollout.sampling.steps import step
 
 
@@ -23,7 +23,7 @@ def test_sum_reduction_is_the_summed_gaussian_log_density():
     mb = SimpleNamespace(old_log_probs=old.log_prob[:, None], advantages=advantages,
                          settings=SimpleNamespace(log_prob_form="gaussian"))
 
-    loss, policy, _, _ = step_loss(new, mb, 0, clip_range=0.2, beta=0.0, log_prob_scale=float(d))
+    loss, policy, _, _ = step_loss(new, mb, 0, clip_range=0.2, kl_beta=0.0, log_prob_scale=float(d))
 
     def summed(mean):
         return torch.distributions.Normal(mean, float(old.std.flatten()[0])).log_prob(old.prev_sample).sum(dim=(1, 2))
@@ -33,7 +33,7 @@ def test_sum_reduction_is_the_summed_gaussian_log_density():
     assert torch.allclose(policy, expected, rtol=1e-9, atol=1e-12)
     assert not torch.allclose(ratio, torch.ones_like(ratio), atol=1e-3)  # the case is not trivial
     # the mean reduction (scale 1) is a different, much flatter objective
-    _, policy_mean, _, _ = step_loss(new, mb, 0, clip_range=0.2, beta=0.0)
+    _, policy_mean, _, _ = step_loss(new, mb, 0, clip_range=0.2, kl_beta=0.0)
     assert not torch.allclose(policy_mean, expected)
 
 
@@ -50,13 +50,14 @@ def test_sum_reduction_sums_the_kl_over_the_latent_too():
     mb = SimpleNamespace(old_log_probs=new.log_prob[:, None].detach(), advantages=torch.zeros(b, dtype=torch.float64),
                          settings=SimpleNamespace(log_prob_form="gaussian"))
     sigma = torch.as_tensor(new.noise_scale, dtype=torch.float64).reshape(-1)
-    sigma = sigma.expand(b).reshape(b, 1, 1)  # the KL's σ: the step's noise scale σ_t, without √Δ (MATH.md)
+    # the KL's σ: the step's noise scale σ_t, without √Δ (docs/math.md "Log-probabilities and KL")
+    sigma = sigma.expand(b).reshape(b, 1, 1)
     expected = torch.distributions.kl_divergence(torch.distributions.Normal(new.mean, sigma),
                                                  torch.distributions.Normal(ref.mean, sigma)).sum(dim=(1, 2)).mean()
 
-    loss, policy, kl_sum, _ = step_loss(new, mb, 0, clip_range=0.2, beta=0.5, reference_mean=ref.mean,
+    loss, policy, kl_sum, _ = step_loss(new, mb, 0, clip_range=0.2, kl_beta=0.5, reference_mean=ref.mean,
                                      log_prob_scale=float(4 * 5))
     assert torch.allclose(kl_sum, expected, rtol=1e-9)
     assert torch.allclose(loss, policy + 0.5 * expected, rtol=1e-9)
-    _, _, kl_mean, _ = step_loss(new, mb, 0, clip_range=0.2, beta=0.5, reference_mean=ref.mean)
+    _, _, kl_mean, _ = step_loss(new, mb, 0, clip_range=0.2, kl_beta=0.5, reference_mean=ref.mean)
     assert torch.allclose(kl_mean, expected / 20, rtol=1e-9)  # `mean`: the per-element average

@@ -12,7 +12,7 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 from cluster.config import PoolConfig
 from cluster.config_loading import ConfigError, validate_config
 from learner.ranks.actor import LearnerActor
-from learner.ranks.process_group import ActorGroup
+from learner.ranks.process_group import RankGroup
 from learner.ranks.lr_schedule import lr_at
 from test_learner_group import _train, sample_batch
 
@@ -49,7 +49,7 @@ def _config(model_dir, **learner):
         rewards=dict(scorers=[dict(name="jpeg_compressibility")]),
         learner=dict(num_actors=1, num_cpus_per_actor=0.5, zero_stage=2, precision="fp32",
                      lora={"rank": 4, "alpha": 8, "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]},
-                     beta=0.04, clip_range=1e-4, updates_per_iteration=1, micro_batch_size=2,
+                     kl_beta=0.04, clip_range=1e-4, updates_per_iteration=1, micro_batch_size=2,
                      ema=dict(enabled=True, every=1), **learner),
         data=dict(group_size=4, images_per_iteration=8),
     ))
@@ -60,6 +60,7 @@ def test_a_warm_up_longer_than_the_job_is_refused(tiny_model_dirs):
         _config(tiny_model_dirs["flux"], lr=1e-3, lr_warmup_updates=4)
 
 
+@pytest.mark.slow
 def test_the_learner_steps_with_the_scheduled_rate_and_resumes_it(ray_local, tiny_model_dirs):
     """Warm-up over 2 updates at lr 2e-3 trains exactly as a constant 1e-3 for the first update; a learner resumed
     after it continues the schedule as the uninterrupted one does."""
@@ -67,7 +68,7 @@ def test_the_learner_steps_with_the_scheduled_rate_and_resumes_it(ray_local, tin
     scheduled = dict(lr=2e-3, lr_schedule="cosine", lr_warmup_updates=2)
     groups = {}
     for name, learner in (("constant", dict(lr=1e-3)), ("cosine", scheduled), ("resumed", scheduled)):
-        group = ActorGroup(LearnerActor, PoolConfig(num_actors=1, num_cpus_per_actor=0.5))
+        group = RankGroup(LearnerActor, PoolConfig(num_actors=1, num_cpus_per_actor=0.5))
         ray.get(group.run("setup", _config(tiny_model_dirs["flux"], **learner)))
         groups[name] = group
     sample = sample_batch(tiny_model_dirs["flux"])

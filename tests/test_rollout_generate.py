@@ -9,6 +9,7 @@ import torch
 
 from cluster.config import JobConfig
 from cluster.config_loading import load_config
+from learner.objectives.registry import objective_for
 from rollout.models.loading import load_flow_model
 from rollout.prompts.groups import PromptGroup, sample_seed
 from rollout.sampling.forward import score_step
@@ -38,12 +39,12 @@ def _group(group_id: int = 7, size: int = 4, prompt: str = "a red circle") -> Pr
 
 @pytest.fixture(scope="module")
 def models(tiny_model_dirs):
-    return {f: load_flow_model(str(p), f, max_sequence_length=32) for f, p in tiny_model_dirs.items()}
+    return {f: load_flow_model(str(tiny_model_dirs[f]), f, max_sequence_length=32) for f in ("flux", "sd3")}
 
 
 def _sampler(models, tiny_model_dirs, family: str, *overrides: str) -> RolloutSampler:
     cfg = _config(tiny_model_dirs[family], family, *overrides)
-    return RolloutSampler(models[family], SamplerSettings.from_config(cfg), cfg.seed)
+    return RolloutSampler(models[family], objective_for(cfg).rollout_settings(), cfg.seed)
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -12,6 +12,7 @@ from cluster.config_loading import load_config
 from rollout.pool import RolloutPool
 from rollout.prompts.files import builtin_prompts
 from rollout.prompts.groups import GroupSampler
+from rollout.sampling.trajectory import SamplerSettings
 from rollout.weights import pack_state, publish_weights, weight_store, weight_store_name
 
 RUN_NAME = "test-rollout-pool"
@@ -39,7 +40,8 @@ def store(ray_local):
 
 @pytest.fixture(scope="module")
 def pool(ray_local, store, tiny_model_dirs):
-    pool = RolloutPool(_config(tiny_model_dirs["flux"]), weight_store_name(RUN_NAME), num_workers=2)
+    cfg = _config(tiny_model_dirs["flux"])
+    pool = RolloutPool(cfg, SamplerSettings.from_config(cfg), weight_store_name(RUN_NAME), num_workers=2)
     yield pool
     pool.shutdown()
 
@@ -54,6 +56,7 @@ def _collect(pool: RolloutPool, groups) -> dict:
     return results
 
 
+@pytest.mark.slow
 def test_placement_does_not_change_results(pool):
     pool.resize(2)
     groups = _groups(0, 4)
@@ -66,6 +69,7 @@ def test_placement_does_not_change_results(pool):
         assert traj.seeds == on_one[gid].seeds
 
 
+@pytest.mark.slow
 def test_evaluation_images_come_back_in_order(pool):
     prompts, seeds = ["a red circle", "two blue stars", "a green square"], [5, 6, 7]
     images = pool.sample_eval(prompts, seeds)
@@ -75,6 +79,7 @@ def test_evaluation_images_come_back_in_order(pool):
     assert pool.negative_embeds() is None  # FLUX has no true CFG
 
 
+@pytest.mark.slow
 def test_a_new_policy_version_changes_images_and_an_older_one_is_ignored(pool, store, ray_local):
     ray = ray_local
     pool.resize(1)
@@ -103,6 +108,7 @@ def _lora_state(ray, worker) -> dict[str, torch.Tensor]:
     return ray.get(worker.__ray_call__.remote(lambda self: policy_state(self._sampler.model.transformer, "lora")))
 
 
+@pytest.mark.slow
 def test_resize_while_groups_are_in_flight_delivers_each_group_once(pool, store, ray_local):
     latest = ray_local.get(store.latest.remote())
     version = latest[0] if latest is not None else 0
@@ -121,6 +127,7 @@ def test_resize_while_groups_are_in_flight_delivers_each_group_once(pool, store,
     assert pool.pending == 0 and pool.num_workers == 1
 
 
+@pytest.mark.slow
 def test_a_group_held_by_a_dying_worker_is_delivered_once(pool, ray_local):
     pool.resize(1)
     groups = _groups(40, 3)

@@ -23,7 +23,9 @@ from ray.exceptions import RayActorError
 from tqdm import tqdm
 
 from cluster.config import JobConfig
+from cluster.errors import first_line
 from cluster.runtime import joins_cluster
+from learner.objectives.registry import objective_for
 from learner.ranks.actor import LearnerActor
 from learner.ranks.checkpoint import (
     begin_checkpoint,
@@ -36,7 +38,7 @@ from learner.ranks.checkpoint import (
 from learner.driver.commands import Commands
 from learner.driver.evaluation import evaluate
 from learner.driver.events import Events
-from learner.ranks.process_group import ActorGroup
+from learner.ranks.process_group import RankGroup
 from learner.driver.placement import check_where_placed, reserve_pools
 from learner.driver.preflight import absolute_paths
 from learner.driver.report import Metrics, eval_line, progress_line, summarise
@@ -89,8 +91,8 @@ class Job:
                 bar.set_postfix_str("rollout actors")
                 store_key = f"{cfg.run_name}-{uuid.uuid4().hex[:8]}"  # two jobs on one cluster never share a store
                 self.store = weight_store(store_key)
-                self.pool = RolloutPool(cfg, weight_store_name(store_key), actors=pools["rollout"],
-                                        report=self.events.report)
+                self.pool = RolloutPool(cfg, objective_for(cfg).rollout_settings(), weight_store_name(store_key),
+                                        actors=pools["rollout"], report=self.events.report)
                 negative = self.pool.negative_embeds()
                 bar.update(1)
                 bar.set_postfix_str("reward actors")
@@ -98,7 +100,7 @@ class Job:
                                              pools={s.name: pools[f"rewards/{s.name}"] for s in cfg.rewards.scorers})
                 bar.update(1)
                 bar.set_postfix_str("learner")
-                self.learner = ActorGroup(LearnerActor, lc, actors=pools["learner"])
+                self.learner = RankGroup(LearnerActor, lc, actors=pools["learner"])
                 info = self.learner_get(self.learner.run("setup", cfg, negative, self.store))[0]
                 self.learner_nodes = [node[:8] for node in self.learner_get(self.learner.run("node"))]
                 bar.update(1)
@@ -339,7 +341,7 @@ class Job:
         except RayActorError as err:
             last = list_checkpoints(checkpoint_root(self.cfg))
             since = f"the last checkpoint is {last[-1]}" if last else "there is no checkpoint yet"
-            raise TrainingStopped(f"a learner rank is gone ({(str(err).strip().splitlines() or [''])[0][:160]}); "
+            raise TrainingStopped(f"a learner rank is gone ({first_line(err, 160)}); "
                                   f"{since}: run the same command with --resume auto (on a cluster with room for "
                                   f"the learner pool) to continue from it") from None
 

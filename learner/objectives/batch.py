@@ -1,5 +1,5 @@
-"""An iteration's batch as the learner takes it (no Ray, no DeepSpeed): sorted groups, advantages, the split into
-updates, ranks and micro-batches, and the recompute of one recorded step of a micro-batch.
+"""An iteration's batch as every objective takes it (no Ray, no DeepSpeed): sorted groups, advantages, and the split
+into updates, ranks and micro-batches.
 
 An iteration's batch is its scored groups sorted by `group_id`; a sample is `(position of its group, index in the
 group)` and the batch order is by (group_id, index). `update_plan` splits that order into the iteration's optimizer
@@ -7,30 +7,22 @@ updates **round-robin** (sample number i of the order goes to update i mod U, so
 then each update's samples, still in order, into consecutive micro-batches: rank r takes micro-batches r·M … r·M+M−1.
 With one update, one rank and a micro-batch size equal to the rollout's `samples_per_forward` (dividing the group
 size), every micro-batch is exactly one rollout chunk, so the recomputed log-probs equal the recorded ones bit for bit.
-
-For each micro-batch and trained step the learner scores the recorded next state with the sampling forward
-(`rollout.sampling.forward.score_step`, here `score_recorded_step`) and takes the loss of learner/objectives/grpo_loss.py.
+What a micro-batch holds is the objective's: recorded steps (learner/objectives/grpo.py) or final samples
+(learner/objectives/final_samples.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from learner.objectives.grpo_math import advantages as grpo_advantages
-from rollout.models.contract import FlowModel, PromptEmbeds
-from rollout.sampling.forward import score_step
-from rollout.sampling.steps import StepOutput
-from rollout.sampling.trajectory import FinalSamples, SamplerSettings, Trajectories
+from rollout.models.contract import PromptEmbeds
+from rollout.sampling.trajectory import FinalSamples, Trajectories
 
 SampleRef = tuple[int, int]  # (position of the group in the sorted batch, sample index within the group)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# The batch: groups in order, advantages, and the split into updates, ranks and micro-batches.
 
 
 def _float64(rewards: Sequence[float] | torch.Tensor) -> torch.Tensor:
@@ -132,36 +124,6 @@ def update_plan(
             for u in range(num_updates)]
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# A micro-batch and the recompute of one recorded step.
-
-
-@dataclass(frozen=True)
-class MicroBatch:
-    """The recorded data of a few samples as one learner forward takes them (all on the model's device).
-
-    states / next_states (B, K, *latent) float32, old_log_probs (B, K), advantages (B,), step_indices (B, K),
-    old_means (B, K, *latent) when the rollout recorded them (GRPO-Guard); `embeds` has one row when every sample
-    shares one prompt (as the rollout passes it), else B rows.
-    """
-
-    samples: tuple[SampleRef, ...]
-    states: torch.Tensor
-    next_states: torch.Tensor
-    old_log_probs: torch.Tensor
-    advantages: torch.Tensor
-    step_indices: torch.Tensor
-    embeds: PromptEmbeds
-    sigmas: torch.Tensor
-    settings: SamplerSettings
-    old_means: torch.Tensor | None = None
-
-    @property
-    def num_steps(self) -> int:
-        """K, the recorded steps per sample."""
-        return self.old_log_probs.shape[1]
-
-
 def samples_embeds(groups: Sequence[Trajectories | FinalSamples], samples: Sequence[SampleRef]) -> PromptEmbeds:
     """The prompt embeddings of a micro-batch: the group's one row when all samples share a group, else one row per
     sample."""
@@ -171,54 +133,3 @@ def samples_embeds(groups: Sequence[Trajectories | FinalSamples], samples: Seque
     if len(positions) == 1:
         return groups[positions.pop()].prompt_embeds
     return PromptEmbeds.cat([groups[g].prompt_embeds for g, _ in samples])
-
-
-def micro_batch(
-    groups: Sequence[Trajectories],
-    samples: Sequence[SampleRef],
-    advantages: torch.Tensor,
-    device: torch.device | str = "cpu",
-) -> MicroBatch:
-    """Gather the samples' recorded tensors (and their advantages, aligned with `samples`) into one MicroBatch."""
-    embeds = samples_embeds(groups, samples)
-    positions = sorted({g for g, _ in samples})
-
-    def stack(name: str) -> torch.Tensor:
-        return torch.stack([getattr(groups[g], name)[i] for g, i in samples]).to(device)
-
-    return MicroBatch(
-        samples=tuple(samples),
-        states=stack("states"),
-        next_states=stack("next_states"),
-        old_log_probs=stack("log_probs"),
-        advantages=advantages.to(device=device, dtype=torch.float32),
-        step_indices=torch.stack([groups[g].step_indices for g, _ in samples]),
-        embeds=embeds.to(device),
-        sigmas=groups[positions[0]].sigmas,
-        settings=groups[positions[0]].settings,
-        old_means=stack("means") if groups[positions[0]].means is not None else None,
-    )
-
-
-def score_recorded_step(model: FlowModel, mb: MicroBatch, k: int, negative: PromptEmbeds | None) -> StepOutput:
-    """Log-prob (B,) and mean of the recorded next states of step slot k under `model`, differentiable.
-
-    Samples whose groups recorded different sigma indices at slot k (Fast windows) are scored in one forward per
-    index and put back in micro-batch order.
-    """
-    indices = mb.step_indices[:, k]
-    states, next_states = mb.states[:, k].contiguous(), mb.next_states[:, k].contiguous()
-    values = list(dict.fromkeys(indices.tolist()))
-    if len(values) == 1:
-        return score_step(model, mb.settings, mb.sigmas, values[0], states, next_states, mb.embeds, negative)
-    parts, rows_in_order = [], []
-    for index in values:
-        rows = torch.nonzero(indices == index).reshape(-1)
-        embeds = mb.embeds if len(mb.embeds) == 1 else mb.embeds.index_select(rows.to(mb.embeds.prompt_embeds.device))
-        rows_dev = rows.to(states.device)
-        parts.append(score_step(model, mb.settings, mb.sigmas, index, states[rows_dev], next_states[rows_dev],
-                                embeds, negative))
-        rows_in_order.append(rows_dev)
-    inverse = torch.argsort(torch.cat(rows_in_order))
-    return StepOutput(*(torch.cat([getattr(p, f) for p in parts])[inverse]
-                        for f in ("prev_sample", "log_prob", "mean", "std", "noise_scale")))

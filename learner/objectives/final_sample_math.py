@@ -32,6 +32,12 @@ def forward_process(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | flo
     return (1.0 - tt) * x0 + tt * noise, noise - x0
 
 
+def reference_distance(v_theta: torch.Tensor, v_ref: torch.Tensor) -> torch.Tensor:
+    """mean (v_θ − v_ref)²: the velocity distance to the reference policy (the adapter switched off), `v_ref` without
+    gradient; nft and awm add it weighted by `learner.ref_beta`."""
+    return ((v_theta - v_ref.detach()) ** 2).mean()
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # DiffusionNFT
 
@@ -52,12 +58,11 @@ def implicit_velocities(v_old: torch.Tensor, v_theta: torch.Tensor, beta: float
 def nft_loss(
     x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | float, v_theta: torch.Tensor, v_old: torch.Tensor,
     r: torch.Tensor, *, beta: float, clip: float, adaptive: bool = True,
-    v_ref: torch.Tensor | None = None, beta_kl: float = 0.0,
 ) -> torch.Tensor:
-    """(C/β)·mean_i [r·L⁺ + (1 − r)·L⁻] + β_KL·mean (v_θ − v_ref)², L± = mean_D (x̂0± − x0)² / w±, x̂0± = x_t − t·v±.
+    """(C/β)·mean_i [r·L⁺ + (1 − r)·L⁻], L± = mean_D (x̂0± − x0)² / w±, x̂0± = x_t − t·v±.
 
     Adaptive weighting: w± = sg(max(mean_D |x̂0± − x0|, 1e-5)) per sample and branch, computed in float64; without
-    it w = 1. `v_old` (the sampling adapter) and `v_ref` (adapter disabled) carry no gradient.
+    it w = 1. `v_old` (the sampling adapter) carries no gradient.
     """
     if beta <= 0:
         raise ValueError(f"the NFT beta must be > 0, got {beta}")
@@ -72,12 +77,7 @@ def nft_loss(
             sq = sq / w.to(sq.dtype)
         losses.append(sq)
     r = r.detach().to(losses[0].dtype)
-    loss = (clip / beta) * (r * losses[0] + (1.0 - r) * losses[1]).mean()
-    if beta_kl > 0:
-        if v_ref is None:
-            raise ValueError("beta_kl > 0 needs v_ref, the velocity with the adapter disabled")
-        loss = loss + beta_kl * ((v_theta - v_ref.detach()) ** 2).mean()
-    return loss
+    return (clip / beta) * (r * losses[0] + (1.0 - r) * losses[1]).mean()
 
 
 def old_adapter_decay(step: int, schedule: str = "default") -> float:
@@ -110,16 +110,12 @@ def awm_log_likelihood(v_theta: torch.Tensor, v: torch.Tensor, t: torch.Tensor |
 
 def awm_loss(
     v_theta: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float, advantages: torch.Tensor, *, clip: float = 5.0,
-    v_ref: torch.Tensor | None = None, beta_ref: float = 0.0, v_prox: torch.Tensor | None = None,
+    v_prox: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """mean_i −(A_i/C)·ℓ_i (A clipped to ±C) + β_ref·mean (v_θ − v_ref)² + mean (v_θ − v_prox)² (each term only when
-    its velocity is given; β_ref > 0 needs v_ref)."""
+    """mean_i −(A_i/C)·ℓ_i (A clipped to ±C) + mean (v_θ − v_prox)² (the pull towards the prox adapter, when its
+    velocity is given)."""
     a = advantages.detach().clamp(-clip, clip) / clip
     loss = (-a.to(v_theta.dtype) * awm_log_likelihood(v_theta, v, t)).mean()
-    if beta_ref > 0:
-        if v_ref is None:
-            raise ValueError("beta_ref > 0 needs v_ref, the velocity with the adapter disabled")
-        loss = loss + beta_ref * ((v_theta - v_ref.detach()) ** 2).mean()
     if v_prox is not None:
         loss = loss + ((v_theta - v_prox.detach()) ** 2).mean()
     return loss

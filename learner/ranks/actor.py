@@ -1,19 +1,22 @@
-"""The learner: one Ray actor per rank running DeepSpeed ZeRO (stage 2 or 3) on the transformer (MATH.md, "GRPO").
+"""The learner: one Ray actor per rank running DeepSpeed ZeRO (stage 2 or 3) on the transformer.
 
-Each rank loads the transformer only (prompt embeddings travel with the trajectories), adds the job's peft LoRA (or
+Each rank loads the transformer only (prompt embeddings travel with the rollouts), adds the job's peft LoRA (or
 trains all weights), and wraps it in a DeepSpeed engine with torch's AdamW, gradient-norm clipping and fp32/bf16.
 The driver builds the group and calls, on all ranks at once:
 
-    group = ActorGroup(LearnerActor, cfg.learner)
-    ray.get(group.run("setup", cfg, negative=negative_embeds, store=weight_store(cfg.run_name)))
+    group = RankGroup(LearnerActor, cfg.learner)
+    ray.get(group.run("setup", cfg, negative=negative_embeds, store=weight_store(key)))
     metrics = ray.get(group.run("train_iteration", groups_ref, rewards_ref))[0]
 
-Gradient accumulation: learner/ranks/engine.py; the nft and awm objectives: learner/ranks/forward_training.py. Weights out: after
-an iteration's updates rank 0 publishes the policy state (peft LoRA keys, or the full state dict; for nft the old
-adapter) to the WeightStore in buckets of at most learner.publish_bucket_mb, version = optimizer updates applied so
-far; under ZeRO-3 every rank takes part in gathering each bucket. The EMA (rank 0, CPU float32) has the same keys. The recorded
-log-probs are reproduced exactly only when the learner computes as the rollout did: `learner.precision` matching
-`model.dtype`, and `lora.dropout` 0 (the module then stays in eval mode, as for sampling).
+What is trained is the job's objective (learner/objectives/registry.py): the rank builds each micro-batch with it and
+lets it run the loss calls through the rank as its `Trainee` (the model, the reference policy, the trailing adapter
+and DeepSpeed's backward). Gradient accumulation: learner/ranks/engine.py. Weights out: after an iteration's updates
+rank 0 publishes the policy state (peft LoRA keys, or the full state dict; the trailing adapter when the objective
+says the rollouts sample with it) to the WeightStore in buckets of at most learner.publish_bucket_mb, version =
+optimizer updates applied so far; under ZeRO-3 every rank takes part in gathering each bucket. The EMA (rank 0, CPU
+float32) has the same keys. The recorded log-probs are reproduced exactly only when the learner computes as the
+rollout did: `learner.precision` matching `model.dtype`, and `lora.dropout` 0 (the module then stays in eval mode, as
+for sampling).
 """
 
 from __future__ import annotations
@@ -30,34 +33,27 @@ import torch
 from cluster.config import JobConfig
 from cluster.metrics import Recorder
 from cluster.quiet import name_deepspeed_accelerator
-from learner.objectives.batch import (
-    MicroBatch,
-    batch_advantages,
-    micro_batch,
-    sample_order,
-    score_recorded_step,
-    sort_batch,
-    update_plan,
-)
+from learner.objectives.base import UpdateStats
+from learner.objectives.batch import batch_advantages, sample_order, sort_batch, update_plan
+from learner.objectives.grpo_math import nonzero_advantage_indices
+from learner.objectives.registry import objective_for
 from learner.ranks.checkpoint import export_lora, fill_live, load_tree, rank_stem, save_tree
 from learner.ranks.ema import Ema
 from learner.ranks.engine import PRECISION_DTYPES, EngineForward, deepspeed_config, micro_batches_per_update
-from learner.objectives.final_batch import final_micro_batch
-from learner.ranks.forward_training import ForwardTraining
-from learner.ranks.process_group import DistributedActor
-from learner.objectives.grpo_math import nonzero_advantage_indices
 from learner.ranks.lr_schedule import configured_lr
-from learner.objectives.grpo_loss import UpdateStats, adapter_disabled, log_prob_scale, step_loss
+from learner.ranks.process_group import DistributedActor
+from learner.ranks.trailing_adapter import TrailingAdapter
 from rollout.models.compile import compile_blocks
 from rollout.models.contract import FlowModel, PromptEmbeds
 from rollout.models.loading import load_configured
-from rollout.sampling.trajectory import Trajectories
-from rollout.policy import add_lora, apply_policy_state, policy_state
+from rollout.policy import adapter_disabled, add_lora, apply_policy_state, policy_state
+from rollout.sampling.trajectory import FinalSamples, Trajectories
 from rollout.weights import PackedState, publish_weights, put_buckets, split_buckets
 
 
-class LearnerActor(ForwardTraining, DistributedActor):
-    """One learner rank: the DeepSpeed engine, the optimizer-step and policy-version counters, and (rank 0) the EMA."""
+class LearnerActor(DistributedActor):
+    """One learner rank: the DeepSpeed engine, the optimizer-step and policy-version counters, (rank 0) the EMA, and
+    the objective's trailing adapter if it keeps one. It is the objective's `Trainee`."""
 
     # ---------------------------------------------------------------------------------------------------------------
     # Set-up
@@ -76,6 +72,7 @@ class LearnerActor(ForwardTraining, DistributedActor):
         warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use `torch\.distributed",
                                 category=FutureWarning)
         self.cfg, lc = cfg, cfg.learner
+        self.objective = objective_for(cfg)
         on_gpu = lc.num_gpus_per_actor > 0
         if on_gpu and not torch.cuda.is_available():
             raise RuntimeError("learner.num_gpus_per_actor > 0 but this learner actor sees no CUDA device")
@@ -103,16 +100,16 @@ class LearnerActor(ForwardTraining, DistributedActor):
             transformer.enable_gradient_checkpointing()
         if cfg.model.compile:  # after LoRA and checkpointing, before DeepSpeed wraps it: as the rollout samples
             compile_blocks(transformer)
-        self.reference: FlowModel | None = None
-        if lc.finetune == "full" and lc.beta > 0:
-            self.reference = self._load_model(dtype)
-            self.reference.transformer.requires_grad_(False)
+        self.frozen: FlowModel | None = None  # full fine-tuning's reference policy
+        if lc.finetune == "full" and lc.kl_beta > 0:
+            self.frozen = self._load_model(dtype)
+            self.frozen.transformer.requires_grad_(False)
 
         trainable = [p for p in transformer.parameters() if p.requires_grad]
         num_trainable = sum(p.numel() for p in trainable)  # before ZeRO-3 partitions them
         optimizer = torch.optim.AdamW(trainable, lr=lc.lr, betas=tuple(lc.adam_betas), eps=lc.adam_eps,
                                       weight_decay=lc.weight_decay)
-        self.engine, *_ = deepspeed.initialize(model=transformer, optimizer=optimizer, config=deepspeed_config(cfg))
+        self.engine, *_ = deepspeed.initialize(model=transformer, optimizer=optimizer, config=deepspeed_config(cfg, self.objective.calls_per_micro_batch))
         self.model.transformer = EngineForward(self.engine)
         self.store = store
         self.metrics = Recorder(cfg.metrics.enabled)
@@ -121,11 +118,10 @@ class LearnerActor(ForwardTraining, DistributedActor):
             self.metrics.zero("weight_sync_bytes_total")
         self.optimizer_steps = 0  # applied optimizer updates = the policy version
         self.iterations = 0
-        forward = lc.objective != "grpo"
-        initial = self._policy_state(everyone=forward)
+        trailing = self.objective.trailing_adapter
+        initial = self._policy_state(everyone=trailing is not None)
         self.ema = Ema(initial) if lc.ema.enabled and self.rank == 0 else None
-        # nft: the old (sampling) adapter; awm: the prox adapter. Starts at θ, follows it by soft updates.
-        self.second = {k: v.to(self.device, copy=True) for k, v in initial.items()} if forward else None
+        self.trailing_adapter = TrailingAdapter(trailing, initial, self.device) if trailing is not None else None
         return {
             "rank": self.rank,
             "world_size": self.world_size,
@@ -149,10 +145,32 @@ class LearnerActor(ForwardTraining, DistributedActor):
         return self.optimizer_steps
 
     # ---------------------------------------------------------------------------------------------------------------
+    # The objective's Trainee (learner/objectives/base.py)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one loss call and DeepSpeed's micro-step (the update applies at the accumulation boundary)."""
+        self.engine.backward(loss)
+        self.engine.step()
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[FlowModel]:
+        """The reference policy inside the block: the frozen copy of full fine-tuning, or this model with the adapter
+        switched off."""
+        if self.frozen is not None:
+            yield self.frozen
+            return
+        with adapter_disabled(self.module):
+            yield self.model
+
+    def trailing(self) -> contextlib.AbstractContextManager[None]:
+        """The trailing adapter's weights in the model inside the block."""
+        return self.trailing_adapter.active(self.module)
+
+    # ---------------------------------------------------------------------------------------------------------------
     # Training
 
     def train_iteration(
-        self, groups: Sequence[Trajectories], rewards: Sequence[Sequence[float] | torch.Tensor]
+        self, groups: Sequence[Trajectories | FinalSamples], rewards: Sequence[Sequence[float] | torch.Tensor]
     ) -> dict[str, Any]:
         """One iteration: advantages over all its groups, `updates_per_iteration` optimizer updates, then publish.
 
@@ -169,8 +187,6 @@ class LearnerActor(ForwardTraining, DistributedActor):
         adv, adv_stats = batch_advantages(groups, rewards, std=lc.advantage_std, clip=lc.advantage_clip)
         samples = sample_order(groups)
         num_micro = micro_batches_per_update(cfg)
-        # "sum" sums log-probs and KL over the D elements of a recorded latent (MATH.md): here it becomes that factor
-        scale = 1.0 if lc.objective != "grpo" else log_prob_scale(lc.log_prob_reduction, groups[0].states[0, 0].numel())
         keep = None
         if lc.drop_zero_advantage:
             nonzero = nonzero_advantage_indices(adv)
@@ -187,13 +203,9 @@ class LearnerActor(ForwardTraining, DistributedActor):
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = lr
             for positions in update[self.rank]:
-                refs = [samples[i] for i in positions]
-                if lc.objective != "grpo":
-                    self._train_final(final_micro_batch(groups, refs, adv[positions], self.device), stats)
-                    continue
-                mb = micro_batch(groups, refs, adv[positions], self.device)
-                for k in range(mb.num_steps):
-                    self._train_step(mb, k, stats, scale)
+                batch = self.objective.micro_batch(groups, [samples[i] for i in positions], adv[positions],
+                                                   self.device)
+                self.objective.train(self, batch, stats)
             trained = adv[[i for share in update for positions in share for i in positions]]
             updates.append({**self._finish_update(stats), "lr": lr, "samples": float(trained.numel()),
                             "advantage_mean": float(trained.mean()),
@@ -214,25 +226,6 @@ class LearnerActor(ForwardTraining, DistributedActor):
             "publish_s": time.perf_counter() - publish_started,
         }
 
-    def _train_step(self, mb: MicroBatch, k: int, stats: UpdateStats, scale: float) -> None:
-        """Loss of one (micro-batch, trained step), backward and DeepSpeed's micro-step; `scale`: the log-prob scale."""
-        lc = self.cfg.learner
-        reference_mean = self._reference_mean(mb, k) if lc.beta > 0 else None
-        scored = score_recorded_step(self.model, mb, k, self.negative)
-        call = step_loss(scored, mb, k, clip_range=lc.clip_range, beta=lc.beta, reference_mean=reference_mean,
-                         log_prob_scale=scale, ratio_norm=lc.ratio_norm)
-        self.engine.backward(call.loss)
-        self.engine.step()  # applies the update only at the accumulation boundary (after M·K calls)
-        stats.add(call)
-
-    @torch.no_grad()
-    def _reference_mean(self, mb: MicroBatch, k: int) -> torch.Tensor:
-        """Mean of the step under the reference policy: the frozen copy, or this network with the adapter disabled."""
-        if self.reference is not None:
-            return score_recorded_step(self.reference, mb, k, self.negative).mean
-        with adapter_disabled(self.module):
-            return score_recorded_step(self.model, mb, k, self.negative).mean
-
     def _finish_update(self, stats: UpdateStats) -> dict[str, float]:
         """After an update's last micro-step: counters, EMA, and the update's metrics reduced over ranks."""
         if self.engine.micro_steps % self.engine.gradient_accumulation_steps():
@@ -243,7 +236,8 @@ class LearnerActor(ForwardTraining, DistributedActor):
             self.metrics.inc("updates_skipped_total")
         if applied:
             self.optimizer_steps += 1
-            self._follow_theta()
+            if self.trailing_adapter is not None:
+                self.trailing_adapter.follow(self.module, self.objective.trailing_decay(self.optimizer_steps))
             if self.cfg.learner.ema.enabled and self.optimizer_steps % self.cfg.learner.ema.every == 0:
                 state = self._policy_state(everyone=False)
                 if self.ema is not None:
@@ -295,9 +289,10 @@ class LearnerActor(ForwardTraining, DistributedActor):
         gathered at once, then cut); every rank iterates (ZeRO-3 gathers each bucket), rank 0 gets the buckets."""
         bucket_bytes = int(self.cfg.learner.publish_bucket_mb * 2**20)
         if self.cfg.learner.finetune == "lora":
-            # nft: the rollouts sample with the old adapter
-            state = self._policy_state(everyone=False) if self.cfg.learner.objective != "nft" else (
-                self.second_state() if self.rank == 0 else None)
+            if self.objective.publishes_trailing:  # the rollouts sample with the trailing adapter
+                state = self.trailing_adapter.state() if self.rank == 0 else None
+            else:
+                state = self._policy_state(everyone=False)
             for bucket in split_buckets(state.items(), bucket_bytes) if state is not None else ():
                 yield dict(bucket)
             return
@@ -348,10 +343,6 @@ class LearnerActor(ForwardTraining, DistributedActor):
         bucket_bytes = int(self.cfg.learner.publish_bucket_mb * 2**20)
         return put_buckets(dict(b) for b in split_buckets(self.ema.weights.items(), bucket_bytes))
 
-    def ema_state(self) -> dict[str, torch.Tensor] | None:
-        """The EMA weights (CPU float32, same keys as `trainable_state`) on rank 0; None elsewhere or when disabled."""
-        return None if self.ema is None else {k: v.clone() for k, v in self.ema.weights.items()}
-
     def optimizer_state(self) -> dict[str, Any]:
         """This rank's ZeRO optimizer state (its partition of the fp32 master weights and Adam moments)."""
         return self.engine.optimizer.state_dict()
@@ -362,10 +353,12 @@ class LearnerActor(ForwardTraining, DistributedActor):
                 "ema_updates": self.ema.num_updates if self.ema is not None else 0}
 
     def state(self) -> dict[str, Any]:
-        """Everything this rank needs to resume: weights, its optimizer partition, EMA (rank 0), the second adapter
-        (nft, awm), counters."""
+        """Everything this rank needs to resume: weights, its optimizer partition, EMA (rank 0), the trailing adapter
+        (under its name, e.g. `old_adapter`), counters."""
+        trailing = self.trailing_adapter
         return {"weights": self.trainable_state(), "optimizer": self.optimizer_state(),
-                "ema": self.ema.state_dict() if self.ema is not None else None, "second": self.second_state(),
+                "ema": self.ema.state_dict() if self.ema is not None else None,
+                **({f"{trailing.name}_adapter": trailing.state()} if trailing is not None else {}),
                 "counters": self.counters(), "torch_rng": torch.get_rng_state()}  # only LoRA dropout draws from it
 
     def save_shard(self, folder: str) -> dict[str, Any]:
@@ -398,5 +391,5 @@ class LearnerActor(ForwardTraining, DistributedActor):
             torch.set_rng_state(state["torch_rng"])
         self.optimizer_steps = int(state["counters"]["optimizer_steps"])
         self.iterations = int(state["counters"]["iterations"])
-        if self.second is not None:
-            self.second = {k: v.to(self.device) for k, v in state["second"].items()}
+        if self.trailing_adapter is not None:
+            self.trailing_adapter.load(state[f"{self.trailing_adapter.name}_adapter"])

@@ -1,4 +1,5 @@
-"""Exponential moving average of the trained weights, for evaluation and the exported checkpoint (MATH.md, "GRPO").
+"""Exponential moving average of the trained weights, for evaluation and the exported checkpoint (docs/math.md,
+"EMA").
 
 The learner updates the average every `learner.ema.every` optimizer steps with decay min((1 + n)/(10 + n), 0.9),
 n = the number of EMA updates made so far, so it warms up quickly from the initial weights. It lives on the CPU in

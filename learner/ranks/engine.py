@@ -1,10 +1,11 @@
 """The DeepSpeed side of a learner rank: the engine's config from the job's, and the transformer inside the engine as
 the model adapter calls it.
 
-Gradient accumulation: every rank runs M micro-batches x K trained steps per optimizer update (M =
-images_per_iteration / (updates_per_iteration x ranks x micro_batch_size), K = cfg.trained_steps) and calls
-`engine.backward` once per (micro-batch, step); DeepSpeed divides by its accumulation count M·K and averages over
-ranks, so an update's gradient is the mean over its micro-batches and steps.
+Gradient accumulation: every rank runs M micro-batches x K loss calls per optimizer update (M =
+images_per_iteration / (updates_per_iteration x ranks x micro_batch_size), K = the objective's
+`calls_per_micro_batch`: GRPO's recorded steps, nft's and awm's noise levels) and calls `engine.backward` once per
+call; DeepSpeed divides by its accumulation count M·K and averages over ranks, so an update's gradient is the mean
+over its micro-batches and calls.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ def micro_batches_per_update(cfg: JobConfig) -> int:
     return cfg.data.images_per_iteration // (lc.updates_per_iteration * lc.num_actors * lc.micro_batch_size)
 
 
-def deepspeed_config(cfg: JobConfig) -> dict[str, Any]:
+def deepspeed_config(cfg: JobConfig, calls_per_micro_batch: int) -> dict[str, Any]:
     """The DeepSpeed config of the job: ZeRO stage, precision, clipping, and M·K accumulation steps per update."""
     lc = cfg.learner
     return {
         "train_micro_batch_size_per_gpu": lc.micro_batch_size,
-        "gradient_accumulation_steps": micro_batches_per_update(cfg) * cfg.trained_steps,
+        "gradient_accumulation_steps": micro_batches_per_update(cfg) * calls_per_micro_batch,
         "gradient_clipping": lc.max_grad_norm,
         "zero_optimization": {"stage": lc.zero_stage},
         # a non-finite gradient norm skips the step (DeepSpeed checks it for fp32 always, for bf16 only with this)

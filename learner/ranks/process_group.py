@@ -23,7 +23,7 @@ from cluster.pools import ActorPool
 
 
 class DistributedActor:
-    """Base of the actors in an `ActorGroup`: holds its rank and sets the rank environment for torch.distributed."""
+    """Base of the actors in an `RankGroup`: holds its rank and sets the rank environment for torch.distributed."""
 
     def __init__(self, world_size: int, rank: int, master_addr: str | None = None, master_port: int | None = None):
         if not 0 <= rank < world_size:
@@ -78,7 +78,7 @@ def _interface_of(address: str) -> str | None:
     return None
 
 
-class ActorGroup:
+class RankGroup:
     """`cfg.num_actors` Ray actors of one `DistributedActor` subclass, built by the pool helper with `cfg`'s resources;
     `run` calls a method on all of them and returns the refs."""
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from rollout.seeds import stable_seed
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,6 @@ class PromptGroup:
     seeds: tuple[int, ...]
 
 
-def _hash63(text: str) -> int:
-    """A 63-bit integer from blake2b, stable across processes and PYTHONHASHSEED."""
-    digest = hashlib.blake2b(text.encode("ascii"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
-
-
 def _require_int(name: str, value: Any) -> int:
     """Return value if it is a plain int, else raise a TypeError naming the argument."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -47,7 +42,7 @@ def sample_seed(run_seed: int, group_id: int, index: int) -> int:
     """Noise seed of sample `index` in group `group_id`: blake2b-64 of "run_seed:group_id:index", top 63 bits."""
     for name, v in (("run_seed", run_seed), ("group_id", group_id), ("index", index)):
         _require_int(name, v)
-    return _hash63(f"{run_seed}:{group_id}:{index}")
+    return stable_seed(run_seed, group_id, index)
 
 
 _STATE_KEYS = ("epoch", "position", "next_group_id")
@@ -89,7 +84,7 @@ class GroupSampler:
         if self._order_epoch != epoch:
             order = list(range(len(self._items)))
             if self._shuffle:
-                random.Random(_hash63(f"epoch:{self._seed}:{epoch}")).shuffle(order)
+                random.Random(stable_seed("epoch", self._seed, epoch)).shuffle(order)
             self._order, self._order_epoch = order, epoch
         return self._order
 

@@ -6,13 +6,12 @@ nor the batch layout changes a trajectory's noise. With antithetic noise, sample
 negated. The Fast window's position comes from (run seed, group_id).
 
 Branching: when the group shares its initial noise and a Fast window is set, the ODE steps before the window are the
-same for every sample; they are computed once per group and the latent is repeated at the window (MATH.md
+same for every sample; they are computed once per group and the latent is repeated at the window (docs/math.md
 "Branching at the window").
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 
 import torch
@@ -22,6 +21,7 @@ from rollout.prompts.groups import PromptGroup
 from rollout.sampling.forward import guided_velocity
 from rollout.sampling.steps import step
 from rollout.sampling.trajectory import FinalSamples, SamplerSettings, Trajectories
+from rollout.seeds import seeded_generator
 
 
 def fast_window_start(run_seed: int, group_id: int, num_steps: int, size: int) -> int:
@@ -29,8 +29,7 @@ def fast_window_start(run_seed: int, group_id: int, num_steps: int, size: int) -
     last = num_steps // 2 - size
     if last < 0:
         raise ValueError(f"a Fast window of {size} steps does not fit in the first half of {num_steps} steps")
-    digest = hashlib.blake2b(f"fast_window:{run_seed}:{group_id}".encode(), digest_size=8).digest()
-    generator = torch.Generator().manual_seed(int.from_bytes(digest, "big") >> 1)
+    generator = seeded_generator("fast_window", run_seed, group_id)
     return int(torch.randint(0, last + 1, (1,), generator=generator))
 
 

@@ -38,12 +38,13 @@ class SamplerSettings:
     same_initial_noise: bool = False
     antithetic: bool = False  # the stochastic steps' noise in (z, -z) pairs: samples 2m and 2m+1 of a group
     record_means: bool = False  # keep each recorded step's mean (GRPO-Guard's μ_old)
-    record_steps: bool = True  # False (nft, awm): a rollout returns its final samples only (FinalSamples)
+    record_steps: bool = True  # False: a rollout returns its final samples only (FinalSamples)
 
     @staticmethod
     def from_config(cfg: JobConfig) -> SamplerSettings:
-        """The training rollouts' settings of a job; the one place an unset `sampler.log_prob_form` becomes its rule's
-        default."""
+        """The training rollouts' settings of a job as its sampler section gives them; the one place an unset
+        `sampler.log_prob_form` becomes its rule's default. What the rollouts record (steps and means, or final samples
+        only) is the objective's choice: learner/objectives/*.py `rollout_settings`."""
         s = cfg.sampler
         return SamplerSettings(
             kind=s.kind,
@@ -58,8 +59,6 @@ class SamplerSettings:
             fast_window_size=s.fast_window.size if s.fast_window is not None else 0,
             same_initial_noise=s.same_initial_noise,
             antithetic=s.antithetic,
-            record_means=cfg.learner.ratio_norm,
-            record_steps=cfg.learner.objective == "grpo",
         )
 
     @property
