@@ -79,12 +79,12 @@ quiet_here()  # before diffusers and transformers load
 from cluster.config import JobConfig  # noqa: E402
 from cluster.config_loading import load_config  # noqa: E402
 from learner.objectives.grpo import log_prob_scale, micro_batch, score_recorded_step, step_loss  # noqa: E402
-from rollout.policy import adapter_disabled, add_lora  # noqa: E402
 from rollout.models.compile import compile_blocks, decompile_blocks  # noqa: E402
 from rollout.models.contract import FlowModel, PromptEmbeds  # noqa: E402
 from rollout.models.loading import adapter, without_cudnn_attention  # noqa: E402
 from rollout.models.random_init import prompt_tokens, random_module, text_widths, with_random_text  # noqa: E402
 from rollout.models.schedules import DEFAULT_CONFIGS  # noqa: E402
+from rollout.policy import adapter_disabled, add_lora  # noqa: E402
 from rollout.prompts.groups import PromptGroup  # noqa: E402
 from rollout.sampling.forward import guided_velocity  # noqa: E402
 from rollout.sampling.loop import RolloutSampler  # noqa: E402

@@ -36,12 +36,12 @@ from cluster.config_loading import load_config  # noqa: E402
 from learner.ranks.checkpoint import load_tree  # noqa: E402
 from rewards.shapes import ShapesScorer  # noqa: E402
 from rollout.models.loading import load_flow_model  # noqa: E402
+from rollout.policy import add_lora, apply_policy_state, policy_state  # noqa: E402
 from rollout.prompts.groups import PromptGroup  # noqa: E402
 from rollout.sampling.loop import RolloutSampler  # noqa: E402
 from rollout.sampling.steps import DEFAULT_LOG_PROB_FORM  # noqa: E402
 from rollout.sampling.trajectory import SamplerSettings  # noqa: E402
 from rollout.shapes import data as shapes_data  # noqa: E402
-from rollout.policy import add_lora, apply_policy_state, policy_state  # noqa: E402
 
 CONFIG = ROOT / "cluster" / "micro.yaml"
 # The forward objectives sample whole ODE trajectories, each with its own initial noise (a shared one would make a

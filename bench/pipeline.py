@@ -41,8 +41,8 @@ import ray  # noqa: E402
 
 from cluster.config_loading import load_config  # noqa: E402
 from cluster.runtime import start_ray  # noqa: E402
-from learner.ranks.actor import LearnerActor  # noqa: E402
 from learner.driver.job import Job  # noqa: E402
+from learner.ranks.actor import LearnerActor  # noqa: E402
 from rewards.service import ScorerActor  # noqa: E402
 from rollout.worker import RolloutWorker  # noqa: E402
 

@@ -103,6 +103,7 @@ def bench_in_process(cfg: JobConfig, groups: list) -> float:
 def bench_pool(cfg: JobConfig, groups: list, workers: int) -> float:
     """RolloutPool with `workers` actors, after each has sampled one warm-up group."""
     from rollout.pool import RolloutPool
+    from rollout.sampling.trajectory import SamplerSettings
 
     pool = RolloutPool(cfg, SamplerSettings.from_config(cfg), num_workers=workers)
     try:

@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # The one list of each vocabulary: the config's choices below and the code that dispatches on them derive from these.
 MODEL_FAMILIES = ("flux", "sd3", "flux2", "qwen_image", "z_image")
 MODEL_INITS = ("pretrained", "random")  # rollout/models/loading.py
-STEP_KINDS = ("ode", "sde", "dance", "cps", "sde_exact")  # MATH.md "Step rules"; only "ode" has no log-prob
+STEP_KINDS = ("ode", "sde", "dance", "cps", "sde_exact")  # docs/math.md "Step rules"; only "ode" has no log-prob
 TRAINABLE_KINDS = tuple(kind for kind in STEP_KINDS if kind != "ode")
-GUARD_KINDS = ("sde", "sde_exact")  # the rules GRPO-Guard normalises (MATH.md "GRPO-Guard")
+GUARD_KINDS = ("sde", "sde_exact")  # the rules GRPO-Guard normalises (docs/math.md "GRPO-Guard")
 LOG_PROB_FORMS = ("gaussian", "squared")
 LR_SCHEDULES = ("constant", "linear", "cosine")  # learner/ranks/lr_schedule.py
 LOGGING_BACKENDS = ("tensorboard", "wandb")  # learner/driver/tracking.py
@@ -53,8 +53,8 @@ class ModelConfig(Section):
     """Which model to load and how."""
 
     family: Literal[MODEL_FAMILIES]
-    path: str = Field(description="a local diffusers folder, or a hub id (from the local Hugging Face cache, downloaded "
-                      "there first when missing unless HF_HUB_OFFLINE=1)")
+    path: str = Field(description="a local diffusers folder, or a hub id (from the local Hugging Face cache, "
+                      "downloaded there first when missing unless HF_HUB_OFFLINE=1)")
     build_tiny: bool = Field(False, description="build the offline tiny model of this family at `path` if it is missing")
     tiny_seed: int = 0
     init: Literal[MODEL_INITS] = Field(
@@ -76,7 +76,7 @@ class FastWindow(Section):
 
 
 class SamplerConfig(Section):
-    """The training rollouts' step rule (MATH.md "Step rules")."""
+    """The training rollouts' step rule (docs/math.md "Step rules")."""
 
     kind: Literal[STEP_KINDS] = "cps"
     noise_level: float = Field(0.7, ge=0.0, description="a for sde/sde_exact, eta for dance and cps")
@@ -179,7 +179,8 @@ class EmaConfig(Section):
 
 
 class LearnerConfig(PoolConfig):
-    """DeepSpeed ZeRO learner: GRPO on recorded steps, or DiffusionNFT / AWM on clean samples (MATH.md)."""
+    """DeepSpeed ZeRO learner: GRPO on recorded steps, or DiffusionNFT / AWM on clean samples (docs/math.md "GRPO",
+    "Forward-process objectives")."""
 
     objective: str = Field("grpo", description="grpo: the clipped ratio on recorded steps; nft / awm: forward-process "
                            "objectives on the rollouts' final samples (any sampler; the papers sample with the ODE, "

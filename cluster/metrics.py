@@ -85,11 +85,6 @@ BY_NAME = {spec.name: spec for spec in METRICS}
 _METHOD_KIND = {"set": "gauge", "inc": "counter", "observe": "histogram"}
 
 
-def exported_name(name: str) -> str:
-    """The name Prometheus sees."""
-    return EXPORTED_PREFIX + name
-
-
 class Recorder:
     """Records the job's metrics from this process; does nothing when disabled or when Ray is not running."""
 

@@ -47,12 +47,18 @@ def run(cfg: JobConfig, resume: str, dry_run: bool = False) -> None:
     shut down. `dry_run`: stop after placing every pool and checking its files on its node."""
     import ray
 
-    from cluster.runtime import check_pools_fit, joins_cluster, metrics_endpoint, runs_in_a_copy, start_ray
+    from cluster.runtime import (check_pools_fit, joins_cluster, metrics_endpoint, outputs_of_a_submitted_job,
+                                 runs_in_a_copy, start_ray)
     from learner.driver.preflight import preflight
+    from learner.ranks.checkpoint import checkpoint_root
 
     copy = " (Ray's copy of the submitted folder)" if runs_in_a_copy() else ""
     say(f"relative paths resolve against {Path.cwd()}{copy}")
-    preflight(cfg, resume)  # every check that needs no Ray: a bad input fails here, before anything starts
+    cfg = outputs_of_a_submitted_job(cfg)  # not in Ray's copy, which goes away with the job
+    say(f"outputs go to {Path(cfg.output_dir).absolute()}, checkpoints to {checkpoint_root(cfg).absolute()}")
+    # every check that needs no Ray: a bad input fails here, before anything starts (its lines: what is downloaded)
+    for line in preflight(cfg, resume, dry_run):
+        say(line)
     say(start_ray(cfg.ray, cfg.metrics.port))
     if cfg.metrics.enabled and not dry_run:
         say(f"metrics: {metrics_endpoint(discovery=joins_cluster(cfg.ray) or cfg.ray.include_dashboard)}")
@@ -66,7 +72,6 @@ def run(cfg: JobConfig, resume: str, dry_run: bool = False) -> None:
                 say(line)
             say("dry run: every check passed; nothing was loaded or trained")
             return
-        from learner.ranks.checkpoint import checkpoint_root
         from learner.driver.job import Job
 
         job = Job(cfg, say)

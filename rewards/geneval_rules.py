@@ -1,7 +1,7 @@
 """GenEval's rules over detections: official accuracy, strict accuracy and the partial-credit training reward.
 
 Pure functions of detections and one prompt's GenEval metadata (`include` clauses {class, count, color?, position?:
-[relation, include index]}, optional `exclude` clauses {class, count}); no model in sight. See MATH.md, "Reward
+[relation, include index]}, optional `exclude` clauses {class, count}); no model in sight. See docs/math.md, "Reward
 definitions". `objects` maps a class name to its detections (any order: the rules sort by score themselves).
 
 The reference reward server appends an extra 1.0 to the partial-credit list after a *failed* position check, so a

@@ -125,15 +125,16 @@ class WeightStore:
         return self._latest
 
 
-def weight_store_name(run_name: str) -> str:
-    """The Ray name of a job's WeightStore; rollout actors look the store up by it (a handle passed to a restartable
-    actor's constructor would not survive its restart)."""
-    return f"{run_name}-weights"
+def weight_store_name(key: str) -> str:
+    """The Ray name of a job's WeightStore (`key`: the run name and a per-job suffix, so two jobs never share one);
+    rollout actors look the store up by it (a handle passed to a restartable actor's constructor would not survive its
+    restart)."""
+    return f"{key}-weights"
 
 
-def weight_store(run_name: str) -> Any:
+def weight_store(key: str) -> Any:
     """The job's WeightStore actor, created on first use. Create it in the driver: it lives as long as its creator."""
-    return service_actor(WeightStore, weight_store_name(run_name))
+    return service_actor(WeightStore, weight_store_name(key))
 
 
 def publish_weights(store: Any, version: int, buckets: Iterable[Mapping[str, torch.Tensor]]) -> bool:

@@ -16,10 +16,10 @@ from cluster.metrics import Recorder
 from rollout.models.compile import compile_blocks
 from rollout.models.contract import PromptEmbeds
 from rollout.models.loading import load_configured
+from rollout.policy import add_lora, apply_policy_state, policy_state
 from rollout.prompts.groups import PromptGroup
 from rollout.sampling.loop import RolloutSampler
 from rollout.sampling.trajectory import SamplerSettings, Trajectories
-from rollout.policy import add_lora, apply_policy_state, policy_state
 from rollout.weights import PackedState, fetch_state
 
 

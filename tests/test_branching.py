@@ -1,5 +1,5 @@
-"""Branching at the Fast window and antithetic window noise (MATH.md "Branching at the window, and antithetic window
-noise"): a branched rollout equals the same rollout computed one sample at a time from the start, with the prefix
+"""Branching at the Fast window and antithetic window noise (docs/math.md "Branching at the window, and antithetic
+window noise"): a branched rollout equals the same rollout computed one sample at a time from the start, with the prefix
 computed once; antithetic pairs draw exact negatives of each other's step noise."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ WINDOW = ["sampler.num_steps=8", "sampler.fast_window={size: 2}", "sampler.same_
 
 @pytest.fixture(scope="module")
 def models(tiny_model_dirs):
-    return {f: load_flow_model(str(p), f, max_sequence_length=32) for f, p in tiny_model_dirs.items()}
+    return {f: load_flow_model(str(tiny_model_dirs[f]), f, max_sequence_length=32) for f in ("flux", "sd3")}
 
 
 def _sampler(models, tiny_model_dirs, family: str, *overrides: str) -> RolloutSampler:

@@ -27,7 +27,7 @@ def true_velocity(t: float, m: float, c: float) -> tuple[float, float]:
 
 
 def hand_map(kind: str, sched: list[float], i: int, m: float, c: float, level: float) -> tuple[float, float, float]:
-    """(P, Q, std) of rule `kind` from MATH.md in its x̂0 / x̂1 form, applied to the true velocity."""
+    """(P, Q, std) of rule `kind` from docs/math.md "Step rules" in its x̂0 / x̂1 form, applied to the true velocity."""
     t, s = sched[i], sched[i + 1]
     delta = t - s
     alpha, beta = true_velocity(t, m, c)
@@ -132,7 +132,7 @@ def test_point_mass_flow_sde_leaves_the_marginal_and_ends_at_std_0062():
     history = propagate("sde", sched, 0.5, 0.0, 0.7)
     for (_, std), s in zip(history, sched[1:].tolist()):
         assert std > s
-    assert history[-1][1] == pytest.approx(0.062, abs=5e-4)  # MATH.md: 0.062 instead of 0
+    assert history[-1][1] == pytest.approx(0.062, abs=5e-4)  # docs/math.md "Step rules": 0.062 instead of 0
 
 
 def test_one_flow_sde_step_from_the_marginal_has_the_stated_total_noise_and_cps_has_none_extra():
@@ -192,8 +192,8 @@ def test_end_std_numbers_stated_in_math_md():
     """Data N(0.5, 1), a = η = 0.7, SD3 shift-3 schedule; point-mass number is in the Flow-SDE test above.
 
     With diffusers' schedule (shift applied twice): CPS 0.71 / 0.83 / 0.85 / 0.85 at 10 / 100 / 500 / 5000 steps, exact
-    SDE 0.977 / 0.998 at 100 / 1000. MATH.md's 10-step pair "exact SDE 0.81, CPS 0.72" holds on the once-shifted schedule;
-    on diffusers' schedule those two are 0.790 and 0.707.
+    SDE 0.977 / 0.998 at 100 / 1000. docs/math.md's 10-step pair "exact SDE 0.81, CPS 0.72" holds on the once-shifted
+    schedule; on diffusers' schedule those two are 0.790 and 0.707.
     """
     assert end_std("cps", 10) == pytest.approx(0.71, abs=5e-3)
     assert end_std("cps", 100) == pytest.approx(0.83, abs=5e-3)

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from learner.objectives.grpo import MicroBatch, micro_batch, score_recorded_step, step_loss
 from learner.objectives.batch import sample_order
+from learner.objectives.grpo import MicroBatch, micro_batch, score_recorded_step, step_loss
 from learner.objectives.grpo_math import guard_log_ratio
 from learner.objectives.registry import objective_for
 from rollout.models.loading import load_flow_model

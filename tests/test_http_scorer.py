@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import rewards
 from cluster.config import RewardsConfig
+import rewards
 from rewards.base import RewardInputError, Scorer, ScoreResult, ScorerUnavailable
 from rewards.remote import HttpScorer
 from rewards.serve import make_server
@@ -105,6 +105,7 @@ def flaky_server():
     server.server_close()
 
 
+@pytest.mark.slow
 def test_the_reward_service_sends_a_batch_again_when_the_server_fails(ray_local, flaky_server):
     images, prompts, metadata = group(4)
     cfg = RewardsConfig(scorers=[dict(name="http", options={"url": flaky_server, "timeout_s": 10})], num_actors=1,
@@ -120,6 +121,7 @@ def test_the_reward_service_sends_a_batch_again_when_the_server_fails(ray_local,
         service.shutdown()
 
 
+@pytest.mark.slow
 def test_the_reward_service_fails_the_group_when_the_server_stays_down(ray_local):
     images, prompts, metadata = group(2)
     cfg = RewardsConfig(scorers=[dict(name="http", options={"url": "http://127.0.0.1:9/score", "timeout_s": 2})],

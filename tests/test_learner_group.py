@@ -7,13 +7,13 @@ import torch
 
 from cluster.config import PoolConfig
 from cluster.config_loading import validate_config
-from learner.ranks.actor import LearnerActor
 from learner.objectives.batch import batch_advantages, sample_order, sort_batch, update_plan
 from learner.objectives.grpo import micro_batch, score_recorded_step, step_loss
+from learner.ranks.actor import LearnerActor
 from learner.ranks.engine import deepspeed_config
 from learner.ranks.process_group import RankGroup
-from rollout.policy import adapter_disabled, add_lora
 from rollout.models.loading import load_flow_model
+from rollout.policy import adapter_disabled, add_lora
 from rollout.prompts.groups import PromptGroup
 from rollout.sampling.loop import RolloutSampler
 from rollout.sampling.trajectory import SamplerSettings

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from cluster.config import LoraConfig
+from learner.objectives.base import StepLoss, UpdateStats
 from learner.objectives.batch import batch_advantages, sample_order, sort_batch, update_plan
 from learner.objectives.grpo import micro_batch, score_recorded_step, step_loss
-from learner.ranks.ema import Ema, ema_decay
 from learner.objectives.grpo_math import policy_loss
-from learner.objectives.base import StepLoss, UpdateStats
-from rollout.policy import adapter_disabled, add_lora
+from learner.ranks.ema import Ema, ema_decay
 from rollout.models.loading import load_flow_model
+from rollout.policy import adapter_disabled, add_lora
 from rollout.prompts.groups import PromptGroup
 from rollout.sampling.forward import score_step
 from rollout.sampling.loop import RolloutSampler

@@ -12,8 +12,8 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 from cluster.config import PoolConfig
 from cluster.config_loading import ConfigError, validate_config
 from learner.ranks.actor import LearnerActor
-from learner.ranks.process_group import RankGroup
 from learner.ranks.lr_schedule import lr_at
+from learner.ranks.process_group import RankGroup
 from test_learner_group import _train, sample_batch
 
 LR, WARMUP, TOTAL = 2e-3, 3, 11

@@ -1,4 +1,5 @@
-"""FLUX / SD3 adapters against the diffusers pipelines themselves, and the sampling schedules against MATH.md."""
+"""FLUX / SD3 adapters against the diffusers pipelines themselves, and the sampling schedules against docs/math.md
+"Schedules"."""
 
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ PROMPTS = ["a red cat on a blue sofa", "two dogs"]
 GUIDANCE = {"flux": 3.5, "sd3": 4.5}
 STEPS = {"flux": 6, "sd3": 10}
 SIZE = 64
+FAMILIES = ("flux", "sd3")
 
 
 @pytest.fixture(scope="module")
 def pipes(tiny_model_dirs):
     """The in-memory pipelines, built with the same seed as the saved folders (the independent reference)."""
-    seeds = {family: json.loads((path / MARKER).read_text())["seed"] for family, path in tiny_model_dirs.items()}
+    seeds = {family: json.loads((tiny_model_dirs[family] / MARKER).read_text())["seed"] for family in FAMILIES}
     pipes = {family: build_tiny_pipeline(family, seed=seed) for family, seed in seeds.items()}
     for pipe in pipes.values():
         pipe.set_progress_bar_config(disable=True)
@@ -33,7 +35,7 @@ def pipes(tiny_model_dirs):
 
 @pytest.fixture(scope="module")
 def models(tiny_model_dirs):
-    return {family: load_flow_model(str(path), family) for family, path in tiny_model_dirs.items()}
+    return {family: load_flow_model(str(tiny_model_dirs[family]), family) for family in FAMILIES}
 
 
 def _noise(shape, seed=1):
@@ -89,7 +91,7 @@ def _sample(model, latents, prompts, steps):
     return x
 
 
-# --- schedules (numbers typed from MATH.md) -----------------------------------------------------------------------
+# --- schedules (numbers typed from docs/math.md "Schedules") -----------------------------------------------------
 
 
 def test_sd3_schedule_matches_the_closed_form():

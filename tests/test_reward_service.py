@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-import rewards
 from cluster.config import RewardsConfig
+import rewards
 from rewards.registry import REGISTRY
 from rewards.service import RewardError, RewardService
 
@@ -45,6 +45,7 @@ def in_process(name: str, images: np.ndarray, prompts: list[str], **options) -> 
     return rewards.build(name, **options)(images, prompts).scores
 
 
+@pytest.mark.slow
 def test_groups_are_scored_per_scorer_with_the_weighted_total(make_service):
     service = make_service(("jpeg_compressibility", 2.0, {}), ("slow_mean", 0.0, {}), ("nan_where_asked", -0.5, {}),
                            num_actors=1)
@@ -65,6 +66,7 @@ def test_groups_are_scored_per_scorer_with_the_weighted_total(make_service):
     assert service.counters.groups_scored == 3 and service.counters.groups_failed == 0
 
 
+@pytest.mark.slow
 def test_an_actor_killed_mid_batch_is_retried_on_another_actor(make_service):
     service = make_service(("slow_mean", 1.0, {"sleep_s": 1.5}))
     pids = service.actor_pids()["slow_mean"]
@@ -83,6 +85,7 @@ def test_an_actor_killed_mid_batch_is_retried_on_another_actor(make_service):
     assert new_pids[0] != pids[0] and new_pids[1] == pids[1]
 
 
+@pytest.mark.slow
 def test_a_hung_actor_is_killed_after_the_timeout_and_its_batch_retried(make_service, tmp_path):
     hang_file = tmp_path / "hang-once"
     hang_file.touch()
@@ -96,6 +99,7 @@ def test_a_hung_actor_is_killed_after_the_timeout_and_its_batch_retried(make_ser
     assert result.retries == 1 and service.counters.timeouts == 1
 
 
+@pytest.mark.slow
 def test_a_nan_score_fails_the_group_with_its_scorer_indices_and_prompt(make_service):
     service = make_service(("jpeg_compressibility", 1.0, {}), ("nan_where_asked", 1.0, {}))
     images, prompts, metadata = group(6, seed=3)
@@ -112,6 +116,7 @@ def test_a_nan_score_fails_the_group_with_its_scorer_indices_and_prompt(make_ser
     assert np.isfinite(result.total).all() and (result.scores["nan_where_asked"] > 0).all()
 
 
+@pytest.mark.slow
 def test_a_scorer_exception_fails_the_group_without_retries(make_service):
     service = make_service(("nan_where_asked", 1.0, {}))
     images, prompts, metadata = group(4, seed=4)
@@ -122,11 +127,13 @@ def test_a_scorer_exception_fails_the_group_without_retries(make_service):
     assert service.counters.retries == 0 and service.counters.groups_failed == 1
 
 
+@pytest.mark.slow
 def test_a_scorer_that_cannot_start_is_reported_by_name(make_service):
     with pytest.raises(RewardError, match="'jpeg_compressibility' reward actors could not start.*quality"):
         make_service(("jpeg_compressibility", 1.0, {"quality": 0}), num_actors=1)
 
 
+@pytest.mark.slow
 def test_an_unknown_scorer_lists_the_registered_ones(make_service):
     with pytest.raises(ValueError, match="unknown reward 'nope'; registered: .*jpeg_compressibility"):
         make_service(("nope", 1.0, {}))

@@ -14,7 +14,7 @@ from rollout.models.loading import load_flow_model
 from rollout.prompts.groups import PromptGroup, sample_seed
 from rollout.sampling.forward import score_step
 from rollout.sampling.loop import RolloutSampler, fast_window_start, recorded_steps
-from rollout.sampling.trajectory import SamplerSettings, Trajectories
+from rollout.sampling.trajectory import Trajectories
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -101,7 +101,7 @@ def test_first_flow_sde_step_std_is_the_noise_level(a):
 
 @pytest.mark.parametrize("kind", ["sde", "dance"])
 def test_flow_sde_mean_equals_its_clean_and_noise_prediction_form(kind):
-    """μ = (1 − s)·x̂0 + (s − σ_t²Δ/(2t))·x̂1, the second form of MATH.md's Flow-SDE mean."""
+    """μ = (1 − s)·x̂0 + (s − σ_t²Δ/(2t))·x̂1, the second form of docs/math.md's Flow-SDE mean."""
     x, v = _inputs((2, 7))
     sched = sigmas("sd3", 10).double()
     for index in range(10):

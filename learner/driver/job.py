@@ -25,6 +25,13 @@ from tqdm import tqdm
 from cluster.config import JobConfig
 from cluster.errors import first_line
 from cluster.runtime import joins_cluster
+from learner.driver.commands import Commands
+from learner.driver.evaluation import evaluate
+from learner.driver.events import Events
+from learner.driver.placement import check_where_placed, reserve_pools
+from learner.driver.preflight import absolute_paths
+from learner.driver.report import Metrics, eval_line, progress_line, summarise
+from learner.driver.tracking import Trackers
 from learner.objectives.registry import objective_for
 from learner.ranks.actor import LearnerActor
 from learner.ranks.checkpoint import (
@@ -35,14 +42,7 @@ from learner.ranks.checkpoint import (
     load_trainer,
     resolve_resume,
 )
-from learner.driver.commands import Commands
-from learner.driver.evaluation import evaluate
-from learner.driver.events import Events
 from learner.ranks.process_group import RankGroup
-from learner.driver.placement import check_where_placed, reserve_pools
-from learner.driver.preflight import absolute_paths
-from learner.driver.report import Metrics, eval_line, progress_line, summarise
-from learner.driver.tracking import Trackers
 from rewards.service import GroupRewards, RewardError, RewardHandle, RewardService
 from rollout.models.loading import locate_configured
 from rollout.pool import RolloutPool

@@ -4,9 +4,10 @@ run where each pool's actors would run.
 `reserve_pools` reserves the learner ranks first (they need room together), then the rollout workers, then each
 scorer's actors; a pool that cannot be placed stops the job with cluster.pools.PlacementError before any model loads.
 `check_where_placed` then runs a small task in a bundle of each pool, on the node an actor of that pool will use,
-that finds the model (rollout and learner) or checks the scorer's options and weights without loading them (rewards):
-a job that joins a cluster does it before starting its actors, and `python -m learner.main --dry-run` does it and
-stops.
+that finds the model (rollout and learner) or checks the scorer's options and weights without loading them (rewards),
+and one in every learner bundle that writes a probe file in checkpoint.storage: a job that joins a cluster does it
+before starting its actors, and `python -m learner.main --dry-run` does it and stops. Every check that fails is
+listed, one line each.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import ray
 
 from cluster.config import JobConfig
 from cluster.pools import ActorPool, describe
-from learner.ranks.actor import LearnerActor
 from learner.driver.preflight import absolute_paths
+from learner.ranks.actor import LearnerActor
+from learner.ranks.checkpoint import checkpoint_root
 from rewards.service import ScorerActor
 from rollout.worker import RolloutWorker
 
@@ -45,50 +47,73 @@ def reserve_pools(cfg: JobConfig, classes: dict[str, type] | None = None) -> dic
     return pools
 
 
-def _learner_here(cfg: JobConfig) -> str:
-    from learner.driver.preflight import lora_targets_here, model_here
+def _learner_here(cfg: JobConfig, dry_run: bool) -> str:
+    from learner.driver.preflight import inputs_here, lora_targets_here, model_here, model_inputs
 
+    downloads = inputs_here(model_inputs(cfg, ("transformer",)), dry_run)
     folder = model_here(cfg, ("transformer",))
     lora_targets_here(cfg)
-    return f"transformer at {folder}"
+    return "; ".join([*downloads, f"transformer at {folder}"])
 
 
-def _rollout_here(cfg: JobConfig) -> str:
-    from learner.driver.preflight import model_here
+def _rollout_here(cfg: JobConfig, dry_run: bool) -> str:
+    from learner.driver.preflight import inputs_here, model_here, model_inputs
 
-    return f"model at {model_here(cfg)}"
+    downloads = inputs_here(model_inputs(cfg), dry_run)
+    return "; ".join([*downloads, f"model at {model_here(cfg)}"])
 
 
-def _scorer_here(name: str, options: dict[str, Any], field: str) -> str:
-    from learner.driver.preflight import scorer_here
+def _scorer_here(name: str, options: dict[str, Any], field: str, dry_run: bool) -> str:
+    from learner.driver.preflight import inputs_here, scorer_here, scorer_inputs
 
+    downloads = inputs_here(scorer_inputs(name, options, field), dry_run)
     scorer_here(name, options, field)
-    return "options and weights found"
+    return "; ".join([*downloads, "options and weights found"])
+
+
+def _storage_here(storage: str) -> None:
+    from learner.driver.preflight import writable_here
+
+    node = f" on node {ray.get_runtime_context().get_node_id()[:8]} ({ray.util.get_node_ip_address()})"
+    writable_here("checkpoint.storage", storage, node)
 
 
 class NodeCheckFailed(ValueError):
     """A check run where a pool's actors will run failed there; the message names the pool and the node."""
 
 
-def check_where_placed(cfg: JobConfig, pools: dict[str, ActorPool]) -> list[str]:
+def check_where_placed(cfg: JobConfig, pools: dict[str, ActorPool], dry_run: bool = False) -> list[str]:
     """Run each pool's checks in one of its bundles, on the node its actors will use: the model (and the LoRA
-    targets) for learner and rollout, the options and weights of each scorer. One line per pool, or NodeCheckFailed
-    naming the first pool that failed."""
-    checks: dict[str, tuple[Any, tuple]] = {"learner": (_learner_here, (cfg,)), "rollout": (_rollout_here, (cfg,))}
-    checks.update({f"rewards/{s.name}": (_scorer_here, (s.name, s.options, f"rewards.scorers.{i}.options"))
+    targets) for learner and rollout, the options and weights of each scorer; and in every learner bundle, that
+    checkpoint.storage can be written there. `dry_run`: a hub id not in a node's cache is missing (nothing is
+    downloaded). One line per pool, or NodeCheckFailed listing every check that failed, one line each."""
+    checks: dict[str, tuple[Any, tuple]] = {"learner": (_learner_here, (cfg, dry_run)),
+                                            "rollout": (_rollout_here, (cfg, dry_run))}
+    checks.update({f"rewards/{s.name}": (_scorer_here, (s.name, s.options, f"rewards.scorers.{i}.options", dry_run))
                    for i, s in enumerate(cfg.rewards.scorers)})
-    refs = {name: pools[name].run_in_bundle(fn, *args) for name, (fn, args) in checks.items()}
-    lines = []
-    for name, ref in refs.items():
-        pool = pools[name].cfg
+    refs = [(name, pools[name].run_in_bundle(fn, *args)) for name, (fn, args) in checks.items()]
+    storage = str(checkpoint_root(cfg))
+    learner = pools["learner"]
+    probes = [("learner", learner.run_in_bundle(_storage_here, storage, bundle=b)) for b in range(learner.free_bundles)]
+    lines, failed = [], []
+    for name, ref in refs + probes:
         try:
             node, found = ray.get(ref)
         except ray.exceptions.RayTaskError as err:
             cause = err.cause if isinstance(err.cause, Exception) else err
-            raise NodeCheckFailed(f"pool {name!r}, on the node of its bundle: {cause}") from None
-        lines.append(f"{name}: {pool.num_actors} x {{{describe(pool.bundle())}}} ({pool.placement_strategy}), "
-                     f"checked on node {node[:8]}: {found}")
-    return lines
+            failed.append(f"pool {name!r}, on the node of its bundle: {cause}")
+            continue
+        if found is not None:  # a probe of checkpoint.storage says nothing
+            pool = pools[name].cfg
+            lines.append(f"{name}: {pool.num_actors} x {{{describe(pool.bundle())}}} ({pool.placement_strategy}), "
+                         f"checked on node {node[:8]}: {found}")
+    if len(failed) > 1:
+        raise NodeCheckFailed(f"{len(failed)} checks failed where the pools are placed:\n"
+                              + "\n".join(f"  {line}" for line in failed))
+    if failed:
+        raise NodeCheckFailed(failed[0])
+    return lines + [f"checkpoint.storage {storage}: a probe file written and removed in each of the {len(probes)} "
+                    f"learner bundles"]
 
 
 def dry_run(cfg: JobConfig) -> list[str]:
@@ -96,7 +121,7 @@ def dry_run(cfg: JobConfig) -> list[str]:
     cfg = absolute_paths(cfg)  # the checks run in other processes, maybe on other nodes
     pools = reserve_pools(cfg)
     try:
-        return check_where_placed(cfg, pools)
+        return check_where_placed(cfg, pools, dry_run=True)
     finally:
         for pool in pools.values():
             pool.shutdown()

@@ -1,5 +1,5 @@
-"""Forward-process objectives on clean samples: DiffusionNFT and AWM (MATH.md "Forward-process objectives"); no Ray,
-no DeepSpeed, no model.
+"""Forward-process objectives on clean samples: DiffusionNFT and AWM (docs/math.md "Forward-process objectives");
+no Ray, no DeepSpeed, no model.
 
 Both train on a rollout's final clean latents `x0` with the flow-matching forward process `x_t = (1 − t)·x0 + t·ε`
 and its target `v = ε − x0`. At the rollout policy both are advantage-weighted flow matching with different

@@ -1,4 +1,4 @@
-"""GRPO maths: group-relative advantages, the clipped policy loss and its ratio statistics (MATH.md, "GRPO")."""
+"""GRPO maths: group-relative advantages, the clipped policy loss and its ratio statistics (docs/math.md "GRPO")."""
 
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def policy_loss(
 
 def guard_log_ratio(log_prob: torch.Tensor, old_log_prob: torch.Tensor, mean: torch.Tensor, old_mean: torch.Tensor,
                     std: torch.Tensor) -> torch.Tensor:
-    """GRPO-Guard's normalised log-ratio per sample (MATH.md "GRPO-Guard"): (ℓθ − ℓold + b)·s with
+    """GRPO-Guard's normalised log-ratio per sample (docs/math.md "GRPO-Guard"): (ℓθ − ℓold + b)·s with
     b = mean_D (μθ − μold)²/(2s²), for per-element-mean Gaussian log-probs ℓ (B,), means (B, ...) and the step std s
     (one per sample, any shape with B elements). Equals mean_D(z ⊙ (μθ − μold)) for a next state μold + s·z."""
     s = std.reshape(-1).to(log_prob.dtype)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from cluster.config import MODEL_FAMILIES, ModelConfig
+from cluster.errors import described
 from rollout.models import schedules
 from rollout.models.contract import FlowModel
 from rollout.models.flux import FluxModel
@@ -30,7 +31,7 @@ PARTS: tuple[str, ...] = ("text", "vae", "transformer")
 
 
 class ModelLoadError(RuntimeError):
-    """A model folder or hub id could not be loaded (missing, not cached with downloads off, or unreachable)."""
+    """A model folder or hub id could not be loaded (missing, not cached with HF_HUB_OFFLINE=1, or unreachable)."""
 
 
 def adapter(family: str) -> type[FlowModel]:
@@ -55,7 +56,7 @@ def _component_problem(folder: Path, cls: type) -> str | None:
     return f"has no tokenizer file ({' / '.join(_TOKENIZER_FILES)})"
 
 
-def _looks_like_hub_id(path: str) -> bool:
+def looks_like_hub_id(path: str) -> bool:
     """Whether `path` could name a hub model ('name' or 'org/name'), rather than only a local folder."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -66,35 +67,30 @@ def _looks_like_hub_id(path: str) -> bool:
     return True
 
 
-def _resolve_hub_id(repo_id: str, subfolders: Collection[str], allow_download: bool) -> Path:
-    """The local snapshot folder of a hub model (only the needed subfolders), from the cache or downloaded."""
+def hub_patterns(family: str, parts: Collection[str] = PARTS) -> list[str]:
+    """The files of a hub model of `family` that loading `parts` of it reads: what is downloaded (and weighed)."""
+    subfolders = [sub for sub, (part, _) in adapter(family).components.items() if part in parts]
+    return ["model_index.json", "scheduler/*", *(f"{sub}/*" for sub in subfolders)]
+
+
+def _resolve_hub_id(repo_id: str, patterns: list[str]) -> Path:
+    """The local snapshot folder of a hub model (only the files matching `patterns`), from the cache or downloaded
+    (unless HF_HUB_OFFLINE=1)."""
     from huggingface_hub import constants, snapshot_download
 
     try:
-        return Path(
-            snapshot_download(
-                repo_id,
-                local_files_only=not allow_download,
-                allow_patterns=["model_index.json", "scheduler/*", *(f"{sub}/*" for sub in subfolders)],
-            )
-        )
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as err:  # any failure to fetch becomes one clear message; the cause stays chained
-        if not allow_download:
-            raise ModelLoadError(
-                f"model.path {repo_id!r} is neither a local folder nor a model in the local Hugging Face cache, "
-                f"and downloads are off: set model.allow_download=true to fetch it, or point model.path at a "
-                f"local diffusers folder"
-            ) from err
         if constants.is_offline_mode():
             raise ModelLoadError(
-                f"could not fetch {repo_id!r} from the Hugging Face Hub: it is not in the local cache and "
-                f"HF_HUB_OFFLINE=1 turns downloads off; unset HF_HUB_OFFLINE to fetch it, or point model.path at a "
-                f"local diffusers folder"
+                f"model.path {repo_id!r} is neither a local folder nor in the local Hugging Face cache, and "
+                f"HF_HUB_OFFLINE=1 is set: unset HF_HUB_OFFLINE to download it, or point model.path at a local "
+                f"diffusers folder"
             ) from err
-        reason = (str(err).strip().splitlines() or [""])[0]
         raise ModelLoadError(
-            f"could not fetch {repo_id!r} from the Hugging Face Hub ({type(err).__name__}: {reason}); check the id, "
-            f"your access to it and the network, or point model.path at a local diffusers folder"
+            f"could not download {repo_id!r} from the Hugging Face Hub ({described(err)}); check the id, your "
+            f"access to it (a gated model needs `hf auth login`) and the network, or point model.path at a local "
+            f"diffusers folder"
         ) from err
 
 
@@ -108,8 +104,7 @@ def _load_component(cls: type, folder: Path, subfolder: str, dtype: torch.dtype)
 
 
 def locate_model(
-    path: str, family: str, *, allow_download: bool = False, parts: Collection[str] = PARTS,
-    random_init: bool = False,
+    path: str, family: str, *, parts: Collection[str] = PARTS, random_init: bool = False,
 ) -> tuple[Path, dict[str, type]]:
     """The local folder holding the model's `parts` (resolving a hub id through the cache) and the component classes
     to load from it; ModelLoadError, naming what is missing, before anything is loaded. With `random_init` only the
@@ -125,13 +120,12 @@ def locate_model(
         raise ModelLoadError(f"model.path {str(path)!r} is a file; expected a diffusers folder (model_index.json, "
                              f"transformer/, vae/, ...) or a hub id")
     if not folder.is_dir():
-        if not _looks_like_hub_id(str(path)):
+        if not looks_like_hub_id(str(path)):
             raise ModelLoadError(
                 f"model.path {str(path)!r}: no such folder (and not a hub id like 'org/name'); point model.path at "
-                f"a local diffusers folder, or give a hub id in the local Hugging Face cache (or with "
-                f"model.allow_download=true)"
+                f"a local diffusers folder, or give a hub id"
             )
-        folder = _resolve_hub_id(str(path), wanted, allow_download)
+        folder = _resolve_hub_id(str(path), hub_patterns(family, parts))
     problems = {sub: why for sub, cls in wanted.items() if (why := _component_problem(folder / sub, cls))}
     text = [sub for sub, (part, _) in model_class.components.items() if part == "text" and sub in wanted]
     if random_init and text and all(problems.get(sub) == "missing" for sub in text):
@@ -160,7 +154,6 @@ def load_flow_model(
     *,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
-    allow_download: bool = False,
     parts: Collection[str] = PARTS,
     max_sequence_length: int | None = None,
     random_seed: int | None = None,
@@ -168,13 +161,12 @@ def load_flow_model(
     """Load a model of `family` from a local diffusers folder or a hub id; `parts` picks what to load.
 
     A path that is not an existing folder is taken as a hub id and read from the local Hugging Face cache, or
-    downloaded (only the needed subfolders) when `allow_download`. The learner loads only ("transformer",).
+    downloaded there (only the needed subfolders) unless HF_HUB_OFFLINE=1. The learner loads only ("transformer",).
     With `random_seed`, the modules are built from their configs with random weights on `device`
     (rollout/models/random_init.py), and text encoders without configs become random prompt embeddings.
     """
     model_class = adapter(family)
-    folder, wanted = locate_model(path, family, allow_download=allow_download, parts=parts,
-                                  random_init=random_seed is not None)
+    folder, wanted = locate_model(path, family, parts=parts, random_init=random_seed is not None)
 
     modules: dict[str, Any] = {}
     for sub, cls in wanted.items():
@@ -215,8 +207,7 @@ def locate_configured(m: ModelConfig, parts: Collection[str] = PARTS) -> tuple[P
         except OSError as e:
             raise ModelLoadError(f"model.path {m.path!r}: cannot build the tiny model there ({e}); give a folder "
                                  f"that can be created") from None
-    return locate_model(m.path, m.family, allow_download=m.allow_download, parts=parts,
-                        random_init=m.init == "random")
+    return locate_model(m.path, m.family, parts=parts, random_init=m.init == "random")
 
 
 def load_configured(m: ModelConfig, *, dtype: torch.dtype, device: str,

@@ -1,9 +1,9 @@
 """Step rules of flow-matching sampling (ODE, Flow-SDE, Dance-SDE, CPS, exact SDE), their log-probs and the KL term.
 
-Notation as in MATH.md: a step goes from noise level `t` down to `s < t`, `Δ = t − s`, the model predicts the
-velocity `v`, `x̂0 = x_t − t·v` is the predicted clean sample and `x̂1 = x_t + (1 − t)·v` the predicted noise. Every rule
-returns the mean of the next state, the per-element std of the fresh noise and the noise scale the KL term divides by;
-`step` samples (or scores a given next state) around them.
+Notation as in docs/math.md "Notation": a step goes from noise level `t` down to `s < t`, `Δ = t − s`, the model
+predicts the velocity `v`, `x̂0 = x_t − t·v` is the predicted clean sample and `x̂1 = x_t + (1 − t)·v` the predicted
+noise. Every rule returns the mean of the next state, the per-element std of the fresh noise and the noise scale the KL
+term divides by; `step` samples (or scores a given next state) around them.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 
 from cluster.config import LOG_PROB_FORMS, STEP_KINDS
 
-# The log-prob each rule's reference code trains with (MATH.md): CPS's squared score, a Gaussian density otherwise.
+# The log-prob each rule's reference code trains with (docs/math.md "Log-probabilities and KL"): CPS's squared score,
+# a Gaussian density otherwise.
 DEFAULT_LOG_PROB_FORM = {kind: "squared" if kind == "cps" else "gaussian" for kind in STEP_KINDS}
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
 
