@@ -7,7 +7,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,12 +17,10 @@ from PIL import Image
 
 from learner.ranks.checkpoint import load_tree
 from tests.bench_helpers import load_bench
+from tests.jobs import MAIN, ROOT, VENV_BIN, JobRun, history, job_args, job_env, run_job
 
 local_cluster = load_bench("local_cluster")
 stop_cluster, submit_job = local_cluster.stop_processes_of, local_cluster.submit_job
-
-ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 
 # Small and deterministic: 2 groups of 4 per iteration, one update per iteration (strictly on-policy), the learner's
 # micro-batch equal to the rollout's chunk so that the first ratio is bit-exact.
@@ -33,25 +30,9 @@ BASE = ["iterations=3", "data.images_per_iteration=8", "data.group_size=4", "rol
         "checkpoint.every_n_iterations=1", "checkpoint.keep_last=5", "metrics.port=0"]
 
 
-def job_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["PATH"] = f"{VENV_BIN}:{env.get('PATH', '')}"
-    return env
-
-
-def run_job(output_dir: Path, *extra: str, resume: str | None = None) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "learner.main", "--cfg", "cluster/tiny.yaml", "--set", f"output_dir={output_dir}"]
-    for o in BASE + list(extra):
-        args += ["--set", o]
-    if resume:
-        args += ["--resume", resume]
-    r = subprocess.run(args, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    return r
-
-
-def history(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "history.jsonl").read_text().splitlines()]
+def tiny_job(out: Path, *extra: str, resume: str | None = None) -> JobRun:
+    """The tiny job with BASE, then `extra`; it must succeed."""
+    return run_job("tiny", *BASE, *extra, out=out, resume=resume)
 
 
 def evaluations(output_dir: Path) -> list[dict]:
@@ -61,7 +42,7 @@ def evaluations(output_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("full")
-    r = run_job(out, "logging.backends=[tensorboard,wandb]", "logging.wandb_mode=offline")
+    r = tiny_job(out, "logging.backends=[tensorboard,wandb]", "logging.wandb_mode=offline")
     (out / "job.log").write_text(r.stdout + r.stderr)
     return out
 
@@ -179,7 +160,7 @@ def test_checkpoints_are_complete_and_evaluation_writes_a_grid(full_run):
 @pytest.mark.slow
 def test_resume_continues_exactly(full_run, tmp_path):
     resumed = tmp_path / "resumed"
-    run_job(resumed, resume=str(full_run / "checkpoints" / "iter-000001"))
+    tiny_job(resumed, resume=str(full_run / "checkpoints" / "iter-000001"))
     assert [h["iteration"] for h in history(resumed)] == [2, 3]
     assert [r["iteration"] for r in evaluations(resumed)] == [3]  # no starting evaluation when resuming
     a = load_tree(full_run / "checkpoints" / "iter-000003" / "learner-rank0")
@@ -202,16 +183,16 @@ def test_resume_continues_exactly(full_run, tmp_path):
 def test_nft_keeps_its_old_adapter_in_the_checkpoint_and_resumes_exactly(tmp_path):
     nft = ["learner.objective=nft", "sampler.kind=ode", "iterations=2", "eval.every_n_iterations=0"]
     out = tmp_path / "nft"
-    run_job(out, *nft)
+    tiny_job(out, *nft)
     assert [h["policy_version"] for h in history(out)] == [1, 2]
     resumed = tmp_path / "resumed"
-    run_job(resumed, *nft, resume=str(out / "checkpoints" / "iter-000001"))
+    tiny_job(resumed, *nft, resume=str(out / "checkpoints" / "iter-000001"))
     a = load_tree(out / "checkpoints" / "iter-000002" / "learner-rank0")
     b = load_tree(resumed / "checkpoints" / "iter-000002" / "learner-rank0")
-    assert a["second"].keys() == a["weights"].keys() and len(a["second"]) > 10  # the old adapter, LoRA keys
+    assert a["old_adapter"].keys() == a["weights"].keys() and len(a["old_adapter"]) > 10  # the old adapter, LoRA keys
     # it follows θ with decay η_k = 0.001·k: after two steps it is near θ but not θ
-    assert any(not torch.equal(a["second"][k], a["weights"][k]) for k in a["weights"])
-    for part in ("weights", "second"):
+    assert any(not torch.equal(a["old_adapter"][k], a["weights"][k]) for k in a["weights"])
+    for part in ("weights", "old_adapter"):
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
@@ -220,13 +201,13 @@ def test_full_fine_tuning_trains_publishes_in_buckets_and_resumes_exactly(tmp_pa
     full = ["learner.finetune=full", "learner.lr=1e-4", "learner.publish_bucket_mb=0.1", "iterations=2",
             "eval.every_n_iterations=0"]
     out = tmp_path / "full"
-    run_job(out, *full)
+    tiny_job(out, *full)
     rows = history(out)
     assert [h["policy_version"] for h in rows] == [1, 2] and rows[0]["ratio_mean"] == 1.0
     assert rows[1]["sampled_policy_versions"] == [1]  # the rollouts loaded the first full-weights version
     assert not (out / "checkpoints" / "iter-000002" / "lora").exists()  # nothing to export but the shards
     resumed = tmp_path / "resumed"
-    run_job(resumed, *full, resume=str(out / "checkpoints" / "iter-000001"))
+    tiny_job(resumed, *full, resume=str(out / "checkpoints" / "iter-000001"))
     assert [h["iteration"] for h in history(resumed)] == [2]
     a = load_tree(out / "checkpoints" / "iter-000002" / "learner-rank0")["weights"]
     b = load_tree(resumed / "checkpoints" / "iter-000002" / "learner-rank0")["weights"]
@@ -236,10 +217,7 @@ def test_full_fine_tuning_trains_publishes_in_buckets_and_resumes_exactly(tmp_pa
 
 @pytest.mark.slow
 def test_resume_from_a_folder_that_is_not_a_checkpoint_exits_2(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "learner.main", "--cfg", "cluster/tiny.yaml", "--set",
-                        f"output_dir={tmp_path}", "--resume", str(tmp_path)], cwd=ROOT, env=job_env(),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2
+    r = run_job("tiny", out=tmp_path, resume=str(tmp_path), expect_rc=2, timeout=300)
     assert "not a checkpoint folder" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -286,8 +264,7 @@ def _free_port() -> int:
 def test_ray_job_submit_runs_the_tiny_job(tmp_path):
     temp_dir = Path("/tmp") / f"flowrl-ray-{os.getpid()}-{int(time.time())}"  # short: Ray's socket paths are limited
     port, dash, agent = _free_port(), _free_port(), _free_port()
-    env = job_env()
-    env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
+    env = job_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
     ray_bin = str(VENV_BIN / "ray")
     try:
         subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
@@ -297,8 +274,8 @@ def test_ray_job_submit_runs_the_tiny_job(tmp_path):
                        env=env, check=True, capture_output=True, text=True, timeout=120)
         out = tmp_path / "out"
         r = submit_job(ray_bin, f"http://127.0.0.1:{dash}",
-                       ["python", "-m", "learner.main", "--cfg", "cluster/tiny.yaml", "--set", "iterations=2",
-                        "--set", f"output_dir={out}", "--set", "eval.every_n_iterations=0"], ROOT, env)
+                       ["python", *MAIN, *job_args("tiny", "iterations=2", "eval.every_n_iterations=0", out=out)],
+                       ROOT, env)
         assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
         assert "joined the Ray cluster" in r.stdout and "done: 2 iterations" in r.stdout
         assert [h["iteration"] for h in history(out)] == [1, 2]

@@ -7,7 +7,7 @@ negated. The Fast window's position comes from (run seed, group_id).
 
 Branching: when the group shares its initial noise and a Fast window is set, the ODE steps before the window are the
 same for every sample; they are computed once per group and the latent is repeated at the window (docs/math.md
-"Branching at the window").
+"Branching at the window, and antithetic window noise").
 """
 
 from __future__ import annotations
