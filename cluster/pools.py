@@ -130,12 +130,12 @@ class ActorPool:
         self.spawned += 1
         return handle
 
-    def run_in_bundle(self, fn: Any, *args: Any) -> Any:
-        """`fn(*args)` as a task in a free bundle of the pool, with an actor's resources, so on the node where the
-        pool's next actor would run; a ref to (node id, result)."""
+    def run_in_bundle(self, fn: Any, *args: Any, bundle: int = 0) -> Any:
+        """`fn(*args)` as a task in a free bundle of the pool (`bundle`: which of them), with an actor's resources, so
+        on the node where the pool's next actor would run; a ref to (node id, result)."""
         if not self._free:
             self.reserve(1)
-        group, index = self._free[0]
+        group, index = self._free[bundle]
         return ray.remote(_on_node).options(
             num_cpus=self.cfg.num_cpus_per_actor, num_gpus=self.cfg.num_gpus_per_actor, resources=self.cfg.resources,
             max_retries=0, runtime_env=quiet_runtime_env(),

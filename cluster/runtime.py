@@ -29,6 +29,27 @@ def runs_in_a_copy() -> bool:
         return False
 
 
+RUNS_DIR = "~/flowrl_runs"  # a submitted job's outputs, as Ray Train keeps its runs in ~/ray_results
+
+
+def outputs_of_a_submitted_job(cfg: JobConfig) -> JobConfig:
+    """The config with output paths that outlive the job when it runs in Ray's copy of the submitted folder
+    (`runs_in_a_copy`), which goes away with it: a relative output_dir becomes RUNS_DIR/<run_name> in the home folder
+    of the driver's user, a relative checkpoint.storage a folder inside output_dir. Otherwise the config as it is."""
+    from pathlib import Path
+
+    if not runs_in_a_copy():
+        return cfg
+    out = Path(cfg.output_dir)
+    if not out.is_absolute():
+        out = Path(RUNS_DIR).expanduser() / cfg.run_name
+    storage = cfg.checkpoint.storage
+    if storage and not Path(storage).is_absolute():
+        storage = str(out / storage)
+    return cfg.model_copy(update={"output_dir": str(out),
+                                  "checkpoint": cfg.checkpoint.model_copy(update={"storage": storage})})
+
+
 def joins_cluster(cfg: RayConfig) -> bool:
     """Whether the job joins a running cluster (ray.address or RAY_ADDRESS) rather than starting a local Ray."""
     return bool(cfg.address or os.environ.get("RAY_ADDRESS"))

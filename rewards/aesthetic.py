@@ -60,27 +60,27 @@ class Aesthetic(Scorer):
     """LAION aesthetic predictor score of an image (prompt-independent)."""
 
     name = "aesthetic"
+    path_options = {"head_path": "file", "path": "model", "processor_path": "processor"}
 
     @classmethod
     def check(cls, head_path: str | None = None, path: str = CLIP_L14, processor_path: str | None = None,
-              device: str = "cpu", dtype: str = "float32", allow_download: bool = False, batch_size: int = 16) -> None:
+              device: str = "cpu", dtype: str = "float32", batch_size: int = 16) -> None:
         if not head_path or not Path(head_path).is_file():
             raise RewardLoadError(f"{cls.name}: head_path {head_path!r} is not a file; download the head, e.g. "
                                   f"sac+logos+ava1-l14-linearMSE.pth from github.com/christophschuhmann/"
                                   f"improved-aesthetic-predictor, and set head_path to it")
         torch_dtype(cls.name, dtype)
-        find_pretrained(cls.name, path, allow_download=allow_download)
-        find_pretrained(cls.name, processor_path or path, allow_download=allow_download, kind="processor",
+        find_pretrained(cls.name, path)
+        find_pretrained(cls.name, processor_path or path, kind="processor",
                         option="processor_path" if processor_path else "path")
 
     def __init__(self, head_path: str | None = None, path: str = CLIP_L14, processor_path: str | None = None,
-                 device: str = "cpu", dtype: str = "float32", allow_download: bool = False, batch_size: int = 16):
+                 device: str = "cpu", dtype: str = "float32", batch_size: int = 16):
         self.check(head_path=head_path, path=path, processor_path=processor_path, device=device, dtype=dtype,
-                   allow_download=allow_download, batch_size=batch_size)
+                   batch_size=batch_size)
         dev = torch_device(self.name, device)
-        model = load_clip_model(self.name, path, dtype=torch_dtype(self.name, dtype), device=dev,
-                                allow_download=allow_download)
-        processor = load_clip_processor(self.name, processor_path or path, allow_download=allow_download,
+        model = load_clip_model(self.name, path, dtype=torch_dtype(self.name, dtype), device=dev)
+        processor = load_clip_processor(self.name, processor_path or path,
                                         option="processor_path" if processor_path else "path")
         head = head_from_state_dict(load_state_dict(self.name, Path(head_path)))
         self._setup(model, processor, head, dev, batch_size)

@@ -41,6 +41,10 @@ class Scorer(abc.ABC):
     """A reward model. Subclasses set `name`, build their model in `__init__(**options)` and implement `score`."""
 
     name: ClassVar[str]
+    # The options that name weights, each a local path or a hub id, with what it holds there: "model" (a transformers
+    # model folder), "processor" (a processor's tokenizer files) or "file" (one file; in a hub repo, the one the
+    # `filename` option names). The job's preflight finds them all before any scorer starts.
+    path_options: ClassVar[dict[str, str]] = {}
 
     @classmethod
     def check(cls, **options: Any) -> None:

@@ -1,9 +1,9 @@
 """What the CLIP-based scorers (PickScore, HPSv2, aesthetic) share: finding weights, loading, normalised features.
 
-Weights are read from a local folder/file or from the local Hugging Face cache; nothing is downloaded unless the
-scorer's `allow_download` option is on. Images go through the CLIP processor's own resize / centre crop / normalise
-(from uint8 (N, H, W, 3) arrays, PIL backend); prompts through its tokenizer, padded per batch and cut at the text
-model's context length (77 for real CLIP).
+Weights are read from a local folder/file, or given as a hub id from the local Hugging Face cache, downloaded there
+first when missing (unless HF_HUB_OFFLINE=1). Images go through the CLIP processor's own resize / centre crop /
+normalise (from uint8 (N, H, W, 3) arrays, PIL backend); prompts through its tokenizer, padded per batch and cut at the
+text model's context length (77 for real CLIP).
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from cluster.errors import described
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,25 +39,26 @@ def torch_device(scorer: str, name: str) -> torch.device:
     return device
 
 
-def _not_found(scorer: str, option: str, value: str, err: Exception, allow_download: bool) -> RewardLoadError:
-    """One clear error for weights that are neither local nor cached (or could not be fetched)."""
-    if not allow_download:
+def _not_found(scorer: str, option: str, value: str, err: Exception) -> RewardLoadError:
+    """One clear error for weights that are neither local nor cached, and could not be downloaded."""
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
         return RewardLoadError(
             f"{scorer}: {option} {value!r} is neither a local path nor in the local Hugging Face cache, and "
-            f"downloads are off: set the scorer option allow_download: true to fetch it, or point {option} at a "
-            f"local copy")
-    reason = (str(err).strip().splitlines() or [""])[0]
-    return RewardLoadError(f"{scorer}: could not fetch {option} {value!r} ({type(err).__name__}: {reason})")
+            f"HF_HUB_OFFLINE=1 is set: unset HF_HUB_OFFLINE to download it, or point {option} at a local copy")
+    return RewardLoadError(f"{scorer}: could not download {option} {value!r} ({described(err)}); check the id, "
+                           f"your access to it and the network, or point {option} at a local copy")
 
 
 # Files whose presence shows that a folder holds what transformers loads: a model, or a processor's tokenizer.
 _NEEDS = {"model": ("config.json",), "processor": ("tokenizer.json", "vocab.json")}
 
 
-def find_pretrained(scorer: str, path: str, *, allow_download: bool, option: str = "path",
-                    kind: str = "model") -> str:
-    """Where a transformers model or processor is, without loading it: a local folder holding its files, or a hub id
-    in the local Hugging Face cache (its small JSON files fetched when `allow_download`); RewardLoadError otherwise."""
+def find_pretrained(scorer: str, path: str, *, option: str = "path", kind: str = "model") -> str:
+    """Where a transformers model or processor is, without loading its weights: a local folder holding its files, or
+    a hub id in the local Hugging Face cache (its small JSON and text files downloaded when missing); RewardLoadError
+    otherwise."""
     folder = Path(path)
     if folder.is_dir():
         if not any((folder / name).is_file() for name in _NEEDS[kind]):
@@ -64,49 +67,48 @@ def find_pretrained(scorer: str, path: str, *, allow_download: bool, option: str
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(path, local_files_only=not allow_download, allow_patterns=["*.json", "*.txt"])
+        return snapshot_download(path, allow_patterns=["*.json", "*.txt"])
     except Exception as err:  # any failure to find or fetch becomes one clear message; the cause stays chained
-        raise _not_found(scorer, option, path, err, allow_download) from err
+        raise _not_found(scorer, option, path, err) from err
 
 
 def load_clip_model(scorer: str, path: str, *, dtype: torch.dtype, device: torch.device,
-                    allow_download: bool, option: str = "path", random_init: bool = False) -> Any:
+                    option: str = "path", random_init: bool = False) -> Any:
     """A transformers CLIPModel from a local folder or a hub id, in eval mode, frozen, on `device`; `random_init`:
     built from the config there with random weights (seed 0), drawn on `device` in `dtype` (benchmarks)."""
     from transformers import CLIPConfig, CLIPModel
 
     try:
         if random_init:
-            config = CLIPConfig.from_pretrained(path, local_files_only=not allow_download)
+            config = CLIPConfig.from_pretrained(path)
             torch.manual_seed(0)
             with torch.device(device):
                 model = CLIPModel._from_config(config, dtype=dtype)
         else:
-            model = CLIPModel.from_pretrained(path, local_files_only=not allow_download, dtype=dtype)
+            model = CLIPModel.from_pretrained(path, dtype=dtype)
     except OSError as err:
         if Path(path).is_dir():
             raise RewardLoadError(f"{scorer}: could not load the CLIP model in {path} ({err})") from err
-        raise _not_found(scorer, option, path, err, allow_download) from err
+        raise _not_found(scorer, option, path, err) from err
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_clip_processor(scorer: str, path: str, *, allow_download: bool, option: str = "processor_path") -> Any:
+def load_clip_processor(scorer: str, path: str, *, option: str = "processor_path") -> Any:
     """A CLIPProcessor (image processor + tokenizer) from a local folder or a hub id."""
     from transformers import CLIPProcessor
 
     try:
-        processor = CLIPProcessor.from_pretrained(path, local_files_only=not allow_download)
+        processor = CLIPProcessor.from_pretrained(path)
     except OSError as err:
         if Path(path).is_dir():
             raise RewardLoadError(f"{scorer}: could not load a CLIP processor from {path} ({err})") from err
-        raise _not_found(scorer, option, path, err, allow_download) from err
+        raise _not_found(scorer, option, path, err) from err
     if len(processor.tokenizer) < 3:  # transformers builds an empty tokenizer when the files are missing
         raise RewardLoadError(f"{scorer}: {option} {path!r} has no tokenizer files (vocab.json / tokenizer.json)")
     return processor
 
 
-def resolve_file(scorer: str, path: str, filename: str | None, *, allow_download: bool,
-                 option: str = "path") -> Path:
+def resolve_file(scorer: str, path: str, filename: str | None, *, option: str = "path") -> Path:
     """A weights file: `path` itself when it is a file, else `filename` in the hub repo `path` (cache or download)."""
     if Path(path).is_file():
         return Path(path)
@@ -120,9 +122,9 @@ def resolve_file(scorer: str, path: str, filename: str | None, *, allow_download
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(path, filename, local_files_only=not allow_download))
+        return Path(hf_hub_download(path, filename))
     except Exception as err:  # any failure to find or fetch becomes one clear message; the cause stays chained
-        raise _not_found(scorer, option, f"{path}/{filename}", err, allow_download) from err
+        raise _not_found(scorer, option, f"{path}/{filename}", err) from err
 
 
 def load_state_dict(scorer: str, file: Path) -> dict[str, torch.Tensor]:

@@ -131,15 +131,14 @@ def object_crop(image: np.ndarray, det: Detection, background: tuple[int, int, i
 class ClipColors:
     """Zero-shot CLIP over COLORS with GenEval's three templates, from a local path or hub id of a CLIP checkpoint."""
 
-    def __init__(self, model: str, device: str = "cpu", allow_download: bool = False, batch_size: int = 16) -> None:
+    def __init__(self, model: str, device: str = "cpu", batch_size: int = 16) -> None:
         import torch
 
         from rewards.clip_common import ClipEncoder, load_clip_model, load_clip_processor, torch_device
 
         dev = torch_device("geneval", device)
-        clip = load_clip_model("geneval", model, dtype=torch.float32, device=dev, allow_download=allow_download,
-                               option="clip_model")
-        processor = load_clip_processor("geneval", model, allow_download=allow_download, option="clip_model")
+        clip = load_clip_model("geneval", model, dtype=torch.float32, device=dev, option="clip_model")
+        processor = load_clip_processor("geneval", model, option="clip_model")
         self.encoder = ClipEncoder(clip, processor, dev, batch_size)
         self._classifiers: dict[str, object] = {}
 
@@ -159,7 +158,6 @@ class ClipColors:
         return [COLORS[int(i)] for i in logits.argmax(dim=1)]
 
 
-def build_colors(clip_model: str | None = None, device: str = "cpu", allow_download: bool = False
-                 ) -> ColorClassifier:
+def build_colors(clip_model: str | None = None, device: str = "cpu") -> ColorClassifier:
     """CLIP zero-shot when a CLIP checkpoint (local path or hub id) is given, else the HSV heuristic."""
-    return ClipColors(clip_model, device, allow_download) if clip_model else HSVColors()
+    return ClipColors(clip_model, device) if clip_model else HSVColors()

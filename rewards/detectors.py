@@ -161,16 +161,15 @@ class Mask2Former:
     name = "mask2former"
 
     def __init__(self, model: str, threshold: float = 0.3, counting_threshold: float = 0.9, max_per_class: int = 16,
-                 device: str = "cpu", allow_download: bool = False) -> None:
+                 device: str = "cpu") -> None:
         import torch
         from transformers import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessorPil
 
         self.torch, self.device = torch, device
         self.threshold, self.counting_threshold, self.max_per_class = threshold, counting_threshold, max_per_class
-        local = not allow_download
-        self.model = Mask2FormerForUniversalSegmentation.from_pretrained(model, local_files_only=local)
+        self.model = Mask2FormerForUniversalSegmentation.from_pretrained(model)
         self.model = self.model.eval().to(device)
-        self.processor = Mask2FormerImageProcessorPil.from_pretrained(model, local_files_only=local)
+        self.processor = Mask2FormerImageProcessorPil.from_pretrained(model)
         self.labels = {int(i): geneval_name(name) for i, name in self.model.config.id2label.items()}
         self.class_names = frozenset(self.labels.values())
 

@@ -24,40 +24,40 @@ class GenEvalScorer(Scorer):
     """GenEval over a detector backend ("ssd_mobilenet" offline, or "mask2former" with `detector_model`).
 
     Colours by CLIP zero-shot when `clip_model` is given, else the weaker HSV heuristic. Checkpoints given as hub
-    ids are read from the local Hugging Face cache unless `allow_download` is on.
+    ids are read from the local Hugging Face cache, downloaded there first when missing (unless HF_HUB_OFFLINE=1).
     """
 
     name = "geneval"
+    path_options = {"detector_model": "model", "clip_model": "model"}
 
     @classmethod
     def check(cls, detector: str = "ssd_mobilenet", detector_model: str | None = None,
               threshold: float | None = None, counting_threshold: float | None = None,
-              clip_model: str | None = None, device: str = "cpu", allow_download: bool = False) -> None:
+              clip_model: str | None = None, device: str = "cpu") -> None:
         detector_class(detector)
         if detector == "mask2former":
             if not detector_model:
                 raise ValueError("detector 'mask2former' needs detector_model (local path or hub id of a checkpoint, "
                                  "e.g. facebook/mask2former-swin-small-coco-instance)")
-            find_pretrained(cls.name, detector_model, allow_download=allow_download, option="detector_model")
+            find_pretrained(cls.name, detector_model, option="detector_model")
         else:
             ssd_files(detector_model)
         if clip_model:
-            find_pretrained(cls.name, clip_model, allow_download=allow_download, option="clip_model")
-            find_pretrained(cls.name, clip_model, allow_download=allow_download, option="clip_model", kind="processor")
+            find_pretrained(cls.name, clip_model, option="clip_model")
+            find_pretrained(cls.name, clip_model, option="clip_model", kind="processor")
 
     def __init__(self, detector: str = "ssd_mobilenet", detector_model: str | None = None,
                  threshold: float | None = None, counting_threshold: float | None = None,
-                 clip_model: str | None = None, device: str = "cpu", allow_download: bool = False) -> None:
+                 clip_model: str | None = None, device: str = "cpu") -> None:
         self.check(detector=detector, detector_model=detector_model, threshold=threshold,
-                   counting_threshold=counting_threshold, clip_model=clip_model, device=device,
-                   allow_download=allow_download)
+                   counting_threshold=counting_threshold, clip_model=clip_model, device=device)
         options: dict[str, Any] = {"threshold": threshold, "counting_threshold": counting_threshold}
         if detector == "mask2former":
-            options.update(model=detector_model, device=device, allow_download=allow_download)
+            options.update(model=detector_model, device=device)
         elif detector_model:
             options["model_dir"] = detector_model
         self.detector = build_detector(detector, **{k: v for k, v in options.items() if v is not None})
-        self.colors = build_colors(clip_model, device, allow_download)
+        self.colors = build_colors(clip_model, device)
 
     def score(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> ScoreResult:
         for index, (prompt, meta) in enumerate(zip(prompts, metadata)):

@@ -32,29 +32,28 @@ class PickScore(Scorer):
     """Human-preference score of an image for its prompt (PickScore_v1)."""
 
     name = "pickscore"
+    path_options = {"path": "model", "processor_path": "processor"}
 
     @classmethod
     def check(cls, path: str = PICKSCORE_V1, processor_path: str | None = CLIP_H_PROCESSOR, device: str = "cpu",
-              dtype: str = "float32", allow_download: bool = False, scale: float = 26.0, batch_size: int = 16,
-              init: str = "pretrained") -> None:
+              dtype: str = "float32", scale: float = 26.0, batch_size: int = 16, init: str = "pretrained") -> None:
         if init not in ("pretrained", "random"):
             raise ValueError(f"{cls.name}: init must be 'pretrained' or 'random', got {init!r}")
         if scale <= 0:
             raise ValueError(f"{cls.name}: scale must be > 0, got {scale}")
         torch_dtype(cls.name, dtype)
-        find_pretrained(cls.name, path, allow_download=allow_download)
-        find_pretrained(cls.name, processor_path or path, allow_download=allow_download, kind="processor",
+        find_pretrained(cls.name, path)
+        find_pretrained(cls.name, processor_path or path, kind="processor",
                         option="processor_path" if processor_path else "path")
 
     def __init__(self, path: str = PICKSCORE_V1, processor_path: str | None = CLIP_H_PROCESSOR, device: str = "cpu",
-                 dtype: str = "float32", allow_download: bool = False, scale: float = 26.0, batch_size: int = 16,
-                 init: str = "pretrained"):
-        self.check(path=path, processor_path=processor_path, device=device, dtype=dtype,
-                   allow_download=allow_download, scale=scale, batch_size=batch_size, init=init)
+                 dtype: str = "float32", scale: float = 26.0, batch_size: int = 16, init: str = "pretrained"):
+        self.check(path=path, processor_path=processor_path, device=device, dtype=dtype, scale=scale,
+                   batch_size=batch_size, init=init)
         dev = torch_device(self.name, device)
         model = load_clip_model(self.name, path, dtype=torch_dtype(self.name, dtype), device=dev,
-                                allow_download=allow_download, random_init=init == "random")
-        processor = load_clip_processor(self.name, processor_path or path, allow_download=allow_download,
+                                random_init=init == "random")
+        processor = load_clip_processor(self.name, processor_path or path,
                                         option="processor_path" if processor_path else "path")
         self._setup(model, processor, dev, scale, batch_size)
 

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import huggingface_hub
+import huggingface_hub.constants
 import pytest
 
+from learner.driver.preflight import InputError
 from learner.main import main
+from tests.jobs import job_env, run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "cluster" / "tiny.yaml")
@@ -125,7 +126,13 @@ def case_warm_up_longer_than_the_job(j):
 @case
 def case_missing_model_folder(j):
     return (sets(f"model.path={j.work / 'absent-model'}", "model.build_tiny=false"),
-            ["absent-model", "no such folder", "local diffusers folder", "model.allow_download"])
+            ["model.path", "absent-model", "no such folder", "local diffusers folder or a hub id"])
+
+
+@case
+def case_model_allow_download_was_removed(j):
+    return sets("model.allow_download=true"), ["model.allow_download: removed", "downloaded on first use",
+                                               "HF_HUB_OFFLINE=1", "delete the line"]
 
 
 @case
@@ -148,20 +155,21 @@ def _empty_hub_cache(j: Job) -> None:
 
 
 @case
-def case_hub_id_not_cached_downloads_off(j):
-    _empty_hub_cache(j)
-    return (sets("model.path=some-org/not-cached-model", "model.build_tiny=false", "model.allow_download=false"),
-            ["'some-org/not-cached-model'", "local Hugging Face cache", "downloads are off",
-             "model.allow_download=true"])
+def case_hub_id_not_cached_with_hub_offline(j):
+    _empty_hub_cache(j)  # the test session runs with HF_HUB_OFFLINE=1 (conftest.py)
+    return (sets("model.path=some-org/not-cached-model", "model.build_tiny=false"),
+            ["model.path 'some-org/not-cached-model'", "not in the local Hugging Face cache", "HF_HUB_OFFLINE=1 is set",
+             "size unknown (offline)", "unset HF_HUB_OFFLINE"])
 
 
 @case
-def case_hub_id_with_hub_offline(j):
+def case_hub_id_not_cached_and_the_hub_unreachable(j):
     _empty_hub_cache(j)
-    j.monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    j.monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    return (sets("model.path=some-org/not-cached-model", "model.build_tiny=false", "model.allow_download=true"),
-            ["'some-org/not-cached-model'", "HF_HUB_OFFLINE=1", "unset HF_HUB_OFFLINE", "local diffusers folder"])
+    j.monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    j.monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    return (sets("model.path=some-org/not-cached-model", "model.build_tiny=false"),
+            ["model.path 'some-org/not-cached-model'", "not in the local Hugging Face cache",
+             "the hub does not give it (ConnectError", "check the id, your access to it"])
 
 
 @case
@@ -232,6 +240,20 @@ def case_ocr_eval_prompt_without_quoted_target(j):
 def case_unknown_reward_name(j):
     return (sets("rewards.scorers=[{name: bogus}]"),
             ["rewards.scorers.0.name = 'bogus'", "unknown reward", "registered:", "jpeg_compressibility, ocr"])
+
+
+@case
+def case_missing_scorer_weights(j):
+    options = f"{{path: '{j.work / 'no-clip'}', processor_path: null}}"
+    return (sets(f"rewards.scorers=[{{name: pickscore, options: {options}}}]"),
+            [f"rewards.scorers.0.options.path '{j.work / 'no-clip'}'", "no such file or folder",
+             "a local path or a hub id"])
+
+
+@case
+def case_scorer_allow_download_was_removed(j):
+    return (sets("rewards.scorers=[{name: pickscore, options: {allow_download: true}}]"),
+            ["rewards.scorers.0.options.allow_download: removed", "HF_HUB_OFFLINE=1"])
 
 
 @case
@@ -335,6 +357,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(name, tmp_path, tiny_m
     job = Job(work, tiny_model_dirs["flux"], monkeypatch)
     extra, expected = CASES[name](job)
     before, model_before = snapshot(work), snapshot(job.model)
+    capsys.readouterr()  # what came before (the tiny model built on first use) is not the case's output
 
     code = main(job.base_args() + extra)
 
@@ -354,6 +377,79 @@ def test_the_cases_cover_the_list():
     assert len(CASES) >= 20
 
 
+def test_every_missing_input_is_listed_in_one_run(tmp_path, monkeypatch, capsys):
+    """A dry run of flux.yaml with inputs of three kinds missing: a prompt file, the model's hub id (not in the cache,
+    the hub offline) and a scorer's local weights. Every one is named, one line each, in one run; exit 2 before Ray
+    starts, nothing written."""
+    monkeypatch.chdir(ROOT)  # the config's own relative paths (eval.path data/pickscore/test.txt) are there
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    absent = tmp_path / "absent"
+    code = main(["--cfg", "cluster/flux.yaml", "--dry-run", *sets(
+        f"output_dir={tmp_path / 'out'}", f"data.path={absent}.txt",
+        f"rewards.scorers=[{{name: pickscore, options: {{path: '{absent}-clip', processor_path: '{absent}-proc'}}}}]")])
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert err.splitlines() == [
+        "error: InputError: 4 inputs are missing:",
+        f"  data.path: {absent}.txt: prompt file not found",
+        "  model.path 'black-forest-labs/FLUX.1-dev': not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 is "
+        "set (size unknown (offline)); unset HF_HUB_OFFLINE to download it, or point model.path at a local copy",
+        f"  rewards.scorers.0.options.path '{absent}-clip': no such file or folder (and not a hub id like "
+        f"'org/name'); give a local path or a hub id",
+        f"  rewards.scorers.0.options.processor_path '{absent}-proc': no such file or folder (and not a hub id "
+        f"like 'org/name'); give a local path or a hub id",
+    ]
+    assert "started a local Ray" not in out and list(tmp_path.iterdir()) == []
+
+
+def test_hub_ids_not_cached_are_listed_with_their_download_size(tmp_path, monkeypatch):
+    """Online, flux.yaml's three hub ids not in the cache: a dry run lists each as missing with what a run downloads
+    (the files the job reads, as the hub lists them: here a stand-in for the hub's answer), a run says it downloads
+    them first."""
+    from types import SimpleNamespace
+
+    from cluster.config_loading import load_config
+    from learner.driver.preflight import check_inputs
+
+    files = {  # repo -> {file: bytes}
+        "black-forest-labs/FLUX.1-dev": {
+            "model_index.json": 500, "flux1-dev.safetensors": 23_800_000_000, "scheduler/scheduler_config.json": 300,
+            "transformer/diffusion_pytorch_model.safetensors": 23_800_000_000,
+            "vae/diffusion_pytorch_model.safetensors": 170_000_000, "text_encoder/model.safetensors": 250_000_000,
+            "text_encoder_2/model.safetensors": 9_500_000_000, "tokenizer/vocab.json": 1_000_000,
+            "tokenizer_2/spiece.model": 800_000},
+        "yuvalkirstain/PickScore_v1": {"config.json": 5_000, "model.safetensors": 3_900_000_000,
+                                       "pytorch_model.bin": 3_900_000_000},
+        "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": {"tokenizer.json": 2_200_000, "vocab.json": 800_000,
+                                                  "open_clip_pytorch_model.bin": 3_900_000_000}}
+
+    def model_info(self, repo_id, files_metadata=False):
+        return SimpleNamespace(siblings=[SimpleNamespace(rfilename=f, size=n) for f, n in files[repo_id].items()])
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", model_info)
+    cfg = load_config("cluster/flux.yaml", [f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(InputError) as missing:
+        check_inputs(cfg, dry_run=True)
+    assert str(missing.value).splitlines() == [
+        "3 inputs are missing:",
+        "  model.path 'black-forest-labs/FLUX.1-dev': not in the local Hugging Face cache; a run downloads it "
+        "(33.7 GB), the dry run downloads nothing",
+        "  rewards.scorers.0.options.path 'yuvalkirstain/PickScore_v1': not in the local Hugging Face cache; a run "
+        "downloads it (3.9 GB), the dry run downloads nothing",
+        "  rewards.scorers.0.options.processor_path 'laion/CLIP-ViT-H-14-laion2B-s32B-b79K': not in the local "
+        "Hugging Face cache; a run downloads it (3.0 MB), the dry run downloads nothing"]
+    assert check_inputs(cfg) == [
+        "model.path 'black-forest-labs/FLUX.1-dev': not in the local Hugging Face cache; downloading it first "
+        "(33.7 GB)",
+        "rewards.scorers.0.options.path 'yuvalkirstain/PickScore_v1': not in the local Hugging Face cache; "
+        "downloading it first (3.9 GB)",
+        "rewards.scorers.0.options.processor_path 'laion/CLIP-ViT-H-14-laion2B-s32B-b79K': not in the local "
+        "Hugging Face cache; downloading it first (3.0 MB)"]
+
+
 def test_good_inputs_pass_the_preflight(tmp_path, tiny_model_dirs):
     """The corpus' base config passes every check, and the output folder probe leaves nothing behind."""
     from cluster.config_loading import load_config
@@ -366,26 +462,20 @@ def test_good_inputs_pass_the_preflight(tmp_path, tiny_model_dirs):
     assert list(tmp_path.iterdir()) == []
 
 
-def run_main(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "learner.main", "--cfg", TINY, *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-
-
 def error_lines(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if ln.startswith(("error:", "config error:"))]
 
 
+@pytest.mark.slow
 def test_process_prints_one_line_and_exits_2(tmp_path):
     """The real process with the hub's own offline switch in its environment (read at import, as users set it):
     exit status 2, stderr holds the one error line and nothing else, Ray never starts, nothing is written."""
-    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub-cache")}
-    r = run_main(*sets("model.path=some-org/not-cached-model", f"output_dir={tmp_path / 'out'}", "metrics.port=0",
-                       "model.build_tiny=false", "model.allow_download=true"), env=env)
-    assert r.returncode == 2, r.stderr[-3000:]
+    env = job_env(HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub-cache"))
+    r = run_job(TINY, "model.path=some-org/not-cached-model", "metrics.port=0", "model.build_tiny=false",
+                out=tmp_path / "out", expect_rc=2, timeout=300, env=env)
     lines = r.stderr.strip().splitlines()
     assert lines == error_lines(r.stderr) and len(lines) == 1, r.stderr[-3000:]
-    assert "'some-org/not-cached-model'" in lines[0] and "HF_HUB_OFFLINE=1 turns downloads off" in lines[0]
+    assert "'some-org/not-cached-model'" in lines[0] and "HF_HUB_OFFLINE=1 is set" in lines[0]
     assert "started a local Ray" not in r.stdout
     assert not (tmp_path / "out").exists()
 
@@ -393,9 +483,8 @@ def test_process_prints_one_line_and_exits_2(tmp_path):
 @pytest.mark.slow
 def test_pools_larger_than_the_started_ray_exit_2_before_any_actor(tmp_path, tiny_model_dirs):
     """With ray.num_cpus unset the preflight cannot know the size: the check after Ray starts refuses the pools."""
-    r = run_main(*sets(f"model.path={tiny_model_dirs['flux']}", f"output_dir={tmp_path / 'out'}", "ray.num_cpus=null",
-                       "rollout.num_actors=1000", "metrics.enabled=false", "metrics.port=0"))
-    assert r.returncode == 2, r.stderr[-3000:]
+    r = run_job(TINY, f"model.path={tiny_model_dirs['flux']}", "ray.num_cpus=null", "rollout.num_actors=1000",
+                "metrics.enabled=false", "metrics.port=0", out=tmp_path / "out", expect_rc=2, timeout=300)
     errors = error_lines(r.stderr)
     assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "ClusterTooSmall: the pools need 500.75 CPUs (rollout 500" in errors[0]

@@ -55,12 +55,13 @@ def test_pickscore_is_scaled_logit_times_cosine(clip_dir, images):
     np.testing.assert_allclose(rescaled(images, PROMPTS).scores, raw, rtol=1e-5, atol=1e-6)
 
 
-def test_missing_hub_weights_name_the_download_option(clip_dir):
-    with pytest.raises(RewardLoadError, match="path 'nobody/no-such-clip'.*allow_download: true"):
+def test_missing_hub_weights_name_the_option_and_the_offline_switch(clip_dir):
+    # the test session runs with HF_HUB_OFFLINE=1 (conftest.py)
+    with pytest.raises(RewardLoadError, match="path 'nobody/no-such-clip'.*HF_HUB_OFFLINE=1 is set"):
         rewards.build("pickscore", path="nobody/no-such-clip", processor_path=str(clip_dir))
-    with pytest.raises(RewardLoadError, match="processor_path 'nobody/no-such-processor'.*allow_download"):
+    with pytest.raises(RewardLoadError, match="processor_path 'nobody/no-such-processor'.*HF_HUB_OFFLINE=1"):
         rewards.build("pickscore", path=str(clip_dir), processor_path="nobody/no-such-processor")
-    with pytest.raises(RewardLoadError, match="nobody/no-such-hps/HPS_v2.1_compressed.pt.*allow_download"):
+    with pytest.raises(RewardLoadError, match="nobody/no-such-hps/HPS_v2.1_compressed.pt.*HF_HUB_OFFLINE=1"):
         rewards.build("hpsv2", path="nobody/no-such-hps", processor_path=str(clip_dir))
 
 

@@ -225,6 +225,7 @@ def test_debug_shows_the_traceback():
         main(["--cfg", str(ROOT / "cluster/tiny.yaml"), "--set", "sampler.kind=bogus", "--debug"])
 
 
+@pytest.mark.slow
 def test_cli_bogus_sampler_prints_one_line_and_exits_2():
     r = subprocess.run([sys.executable, "-m", "learner.main", "--cfg", "cluster/tiny.yaml", "--set", "sampler.kind=bogus"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)

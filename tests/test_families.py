@@ -4,11 +4,7 @@ batches of prompts of different lengths; a tiny job on each whose exported LoRA 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -17,9 +13,9 @@ import torch
 
 from rollout.models.contract import PromptEmbeds
 from rollout.models.loading import load_flow_model
-from rollout.models.tiny import build_tiny, build_tiny_pipeline
+from rollout.models.tiny import build_tiny_pipeline
+from tests.jobs import run_job
 
-ROOT = Path(__file__).resolve().parents[1]
 SIZE, STEPS, MAX_LEN = 64, 4, 40
 PROMPTS = ["a red cat on a blue sofa", "two dogs"]  # of different lengths
 
@@ -67,10 +63,10 @@ FAMILIES = {
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
+def family(request, tiny_model_dirs):
     """(name, its spec, the tiny folder, the in-memory pipeline of the same seed, the adapter loaded from the folder)."""
     name = request.param
-    folder = build_tiny(name, tmp_path_factory.mktemp("tiny") / name, seed=0)
+    folder = tiny_model_dirs[name]
     pipe = build_tiny_pipeline(name, seed=0)  # the independent reference
     pipe.set_progress_bar_config(disable=True)
     return name, FAMILIES[name], folder, pipe, load_flow_model(str(folder), name, max_sequence_length=MAX_LEN)
@@ -145,17 +141,11 @@ def test_a_batch_of_prompts_gives_each_its_own_velocity(family):
 def test_a_tiny_job_trains_and_its_lora_loads_into_the_pipeline(family, tmp_path):
     name, spec, folder, _, model = family
     out, guidance = tmp_path / "run", spec.guidance[1] / 2
-    sets = [f"output_dir={out}", f"model.path={folder}", f"model.family={name}", "model.build_tiny=false",
-            f"model.max_sequence_length={MAX_LEN}", "iterations=3", "data.images_per_iteration=16",
-            "data.group_size=8", "rollout.samples_per_forward=8", "learner.micro_batch_size=8",
-            f"sampler.guidance_scale={guidance}", "eval.every_n_iterations=0", "metrics.port=0",
-            f"learner.lora.target_modules={spec.lora_targets}"]
-    args = [sys.executable, "-m", "learner.main", "--cfg", "cluster/tiny.yaml"]
-    for s in sets:
-        args += ["--set", s]
-    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    history = run_job("tiny", f"model.path={folder}", f"model.family={name}", "model.build_tiny=false",
+                      f"model.max_sequence_length={MAX_LEN}", "iterations=3", "data.images_per_iteration=16",
+                      "data.group_size=8", "rollout.samples_per_forward=8", "learner.micro_batch_size=8",
+                      f"sampler.guidance_scale={guidance}", "eval.every_n_iterations=0", "metrics.port=0",
+                      f"learner.lora.target_modules={spec.lora_targets}", out=out).history
     assert [row["policy_version"] for row in history] == [1, 2, 3] and history[0]["ratio_mean"] == 1.0
 
     import diffusers

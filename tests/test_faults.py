@@ -12,11 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def job_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+from tests.jobs import ROOT, job_env, run_job
 
 
 @pytest.mark.slow
@@ -68,19 +64,6 @@ def test_dead_and_hung_actors_and_nan_rewards_lose_nothing(tmp_path, tiny_model_
 SMALL = ["data.images_per_iteration=16", "eval.every_n_iterations=0", "metrics.port=0"]
 
 
-def run_main(out: Path, *overrides: str, resume: str | None = None, env: dict | None = None,
-             script: str | None = None) -> subprocess.CompletedProcess:
-    """`python -m learner.main` on the tiny config (or `script` with the same arguments)."""
-    args = ["--cfg", "cluster/tiny.yaml", "--set", f"output_dir={out}"]
-    for o in SMALL + list(overrides):
-        args += ["--set", o]
-    if resume:
-        args += ["--resume", resume]
-    head = ["-c", script] if script else ["-m", "learner.main"]
-    return subprocess.run([sys.executable, *head, *args], cwd=ROOT, env=env or job_env(), capture_output=True,
-                          text=True, timeout=600)
-
-
 # The job, with the driver's last step of a checkpoint (writing trainer.json, once every rank wrote its shard) replaced
 # by one that SIGKILLs the process instead in the checkpoint of iteration 4 (after printing the hashes of iteration 2's).
 KILLED_MID_CHECKPOINT = r"""
@@ -115,13 +98,12 @@ def test_a_kill_in_the_middle_of_a_checkpoint_keeps_the_previous_one_and_resume_
 
     out = tmp_path / "run"
     ray_tmp = Path("/tmp") / f"flowrl-ck-{os.getpid()}"  # short: Ray's socket paths are limited
-    env = {**job_env(), "RAY_TMPDIR": str(ray_tmp)}
     try:
-        r = run_main(out, "iterations=4", "checkpoint.every_n_iterations=2", env=env, script=KILLED_MID_CHECKPOINT)
+        r = run_job("tiny", *SMALL, "iterations=4", "checkpoint.every_n_iterations=2", out=out, expect_rc=-9,
+                    env=job_env(RAY_TMPDIR=str(ray_tmp)), script=KILLED_MID_CHECKPOINT)
     finally:
         stop_cluster(ray_tmp)  # the killed driver's Ray processes
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    assert r.returncode == -9, r.stdout[-2000:] + r.stderr[-3000:]
     previous = json.loads(next(ln for ln in r.stdout.splitlines() if ln.startswith("PREVIOUS "))[9:])
 
     root = out / "checkpoints"
@@ -132,8 +114,7 @@ def test_a_kill_in_the_middle_of_a_checkpoint_keeps_the_previous_one_and_resume_
            for p in sorted((root / "iter-000002").rglob("*")) if p.is_file()}
     assert now == previous and "trainer.json" in now
 
-    r = run_main(out, "iterations=4", "checkpoint.every_n_iterations=2", resume="auto")
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    r = run_job("tiny", *SMALL, "iterations=4", "checkpoint.every_n_iterations=2", out=out, resume="auto")
     assert f"resumed from {root / 'iter-000002'} at iteration 2" in r.stdout
     assert sorted(p.name for p in root.iterdir()) == ["iter-000002", "iter-000004"]  # the leftover is gone
     rows = [json.loads(ln) for ln in (out / "history.jsonl").read_text().splitlines()]
@@ -144,11 +125,10 @@ def test_a_kill_in_the_middle_of_a_checkpoint_keeps_the_previous_one_and_resume_
 @pytest.mark.slow
 def test_updates_skipped_in_a_row_stop_the_job_with_a_clear_message(tmp_path):
     """lr 1e30: the first update leaves weights whose forward overflows, so every later update is non-finite."""
-    r = run_main(tmp_path, "iterations=8", "learner.lr=1e30", "learner.max_skipped_updates=2",
-                 "checkpoint.every_n_iterations=0")
-    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-3000:]
+    r = run_job("tiny", *SMALL, "iterations=8", "learner.lr=1e30", "learner.max_skipped_updates=2",
+                "checkpoint.every_n_iterations=0", out=tmp_path, expect_rc=1)
     assert "iter 1/8 v1" in r.stdout and "update skipped for a non-finite loss or gradient (1 in a row" in r.stdout
-    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    errors = r.errors
     assert len(errors) == 1 and "2 updates in a row were skipped" in errors[0]
     assert "learner.max_skipped_updates = 2" in errors[0] and "policy version 1" in errors[0]
     assert "Traceback" not in r.stderr

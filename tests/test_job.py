@@ -1,13 +1,10 @@
-"""The whole job on the tiny config: on-policy ratio, exact resume, the exported LoRA, and `ray job submit`."""
+"""The whole job on the tiny config: on-policy ratio, exact resume, the exported LoRA (`ray job submit`:
+tests/test_job_submit.py)."""
 
 from __future__ import annotations
 
 import io
 import json
-import os
-import socket
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +13,7 @@ import torch
 from PIL import Image
 
 from learner.ranks.checkpoint import load_tree
-from tests.bench_helpers import load_bench
-from tests.jobs import MAIN, ROOT, VENV_BIN, JobRun, history, job_args, job_env, run_job
-
-local_cluster = load_bench("local_cluster")
-stop_cluster, submit_job = local_cluster.stop_processes_of, local_cluster.submit_job
+from tests.jobs import ROOT, JobRun, history, run_job
 
 # Small and deterministic: 2 groups of 4 per iteration, one update per iteration (strictly on-policy), the learner's
 # micro-batch equal to the rollout's chunk so that the first ratio is bit-exact.
@@ -252,35 +245,6 @@ def test_exported_lora_loads_into_diffusers_and_reproduces_the_evaluation(full_r
     # the evaluation at iteration 0 is the base model's
     start = np.asarray(Image.open(full_run / "eval" / "iter-000000.png"))
     assert np.abs(base * 255 - start[:, :res].astype(np.float32)).max() <= 3.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_ray_job_submit_runs_the_tiny_job(tmp_path):
-    temp_dir = Path("/tmp") / f"flowrl-ray-{os.getpid()}-{int(time.time())}"  # short: Ray's socket paths are limited
-    port, dash, agent = _free_port(), _free_port(), _free_port()
-    env = job_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled")
-    ray_bin = str(VENV_BIN / "ray")
-    try:
-        subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                        f"--dashboard-agent-listen-port={agent}",  # Ray's default 52365 may be another Ray's
-                        f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-                       env=env, check=True, capture_output=True, text=True, timeout=120)
-        out = tmp_path / "out"
-        r = submit_job(ray_bin, f"http://127.0.0.1:{dash}",
-                       ["python", *MAIN, *job_args("tiny", "iterations=2", "eval.every_n_iterations=0", out=out)],
-                       ROOT, env)
-        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-        assert "joined the Ray cluster" in r.stdout and "done: 2 iterations" in r.stdout
-        assert [h["iteration"] for h in history(out)] == [1, 2]
-    finally:
-        stop_cluster(temp_dir)
 
 
 @pytest.mark.slow

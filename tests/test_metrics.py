@@ -6,21 +6,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
 
 from cluster.metrics import BY_NAME, EXPORTED_PREFIX, METRICS, REWARD_EVENTS, Recorder
+from tests.jobs import ROOT, job_env, start_job
 
-ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "cluster" / "grafana" / "dashboard.json"
 SCRAPE_CONFIG = ROOT / "cluster" / "prometheus.yml"
 NAME = re.compile(re.escape(EXPORTED_PREFIX) + r"([a-z0-9_]+)")
@@ -68,6 +65,7 @@ def test_metric_names_are_valid_and_unique():
         assert spec.name.endswith("_total") == (spec.kind == "counter"), spec.name
 
 
+@pytest.mark.slow
 def test_recorder_refuses_unknown_names_and_wrong_kinds(ray_local):
     recorder = Recorder()
     assert recorder.enabled
@@ -142,57 +140,46 @@ def test_prometheus_answers_every_dashboard_query_during_a_tiny_run(tmp_path):
                                                                                                    expr)]
     widest = max(ranges)
     metrics_port, prom_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_metrics_report_interval_ms"] = "1000"  # Ray's agent exports every second (default 10 s)
-    job = subprocess.Popen(
-        [sys.executable, "-m", "learner.main", "--cfg", "cluster/tiny.yaml", "--set", "iterations=1000",
-         "--set", f"metrics.port={metrics_port}", "--set", "ray.include_dashboard=true",
-         "--set", f"output_dir={tmp_path / 'run'}", "--set", "eval.every_n_iterations=5",
-         "--set", "eval.num_prompts=4", "--set", "checkpoint.every_n_iterations=0"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = job_env(RAY_metrics_report_interval_ms="1000")  # Ray's agent exports every second (default 10 s)
     log: list[str] = []
     prom = None
-    try:
-        found = wait_for_line(job, r"metrics: http://127\.0\.0\.1:(\d+)/metrics \(all nodes: (\S+)\)", log, 240)
-        assert int(found.group(1)) == metrics_port
-        config = yaml.safe_load(SCRAPE_CONFIG.read_text())  # the example config, pointed at this job
-        config["global"]["scrape_interval"] = "1s"
-        config["scrape_configs"][0]["file_sd_configs"][0]["files"] = [found.group(2)]
-        config["scrape_configs"][0]["file_sd_configs"][0]["refresh_interval"] = "1s"
-        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-        prom = subprocess.Popen(
-            [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}"],
-            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
-        started = time.time()
-        # long enough for every range in the dashboard, and past at least one evaluation
-        wait_for_line(job, r"iter (\d+)/1000 .*\| eval ", log, 300)
-        while time.time() - started < widest + 10:
-            wait_for_line(job, r"iter \d+/1000", log, 120)
-        at = time.time()
-        empty = [expr for expr in dashboard_exprs() if not query(prom_port, expr, at)]
-        assert not empty, "dashboard queries without a series:\n" + "\n".join(empty)
+    with start_job("tiny", "iterations=1000", f"metrics.port={metrics_port}", "ray.include_dashboard=true",
+                   "eval.every_n_iterations=5", "eval.num_prompts=4", "checkpoint.every_n_iterations=0",
+                   out=tmp_path / "run", env=env) as job:
+        try:
+            found = wait_for_line(job, r"metrics: http://127\.0\.0\.1:(\d+)/metrics \(all nodes: (\S+)\)", log, 240)
+            assert int(found.group(1)) == metrics_port
+            config = yaml.safe_load(SCRAPE_CONFIG.read_text())  # the example config, pointed at this job
+            config["global"]["scrape_interval"] = "1s"
+            config["scrape_configs"][0]["file_sd_configs"][0]["files"] = [found.group(2)]
+            config["scrape_configs"][0]["file_sd_configs"][0]["refresh_interval"] = "1s"
+            (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+            prom = subprocess.Popen(
+                [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                 f"--web.listen-address=127.0.0.1:{prom_port}"],
+                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
+            started = time.time()
+            # long enough for every range in the dashboard, and past at least one evaluation
+            wait_for_line(job, r"iter (\d+)/1000 .*\| eval ", log, 300)
+            while time.time() - started < widest + 10:
+                wait_for_line(job, r"iter \d+/1000", log, 120)
+            at = time.time()
+            empty = [expr for expr in dashboard_exprs() if not query(prom_port, expr, at)]
+            assert not empty, "dashboard queries without a series:\n" + "\n".join(empty)
 
-        # rare events exist from the start, at 0 in a healthy run
-        events = {r["metric"]["event"]: float(r["value"][1])
-                  for r in query(prom_port, f"{EXPORTED_PREFIX}reward_events_total", at)}
-        assert events == {event: 0.0 for event in REWARD_EVENTS}
-        skipped = query(prom_port, f"{EXPORTED_PREFIX}updates_skipped_total", at)
-        assert [float(r["value"][1]) for r in skipped] == [0.0]
-        # the values are the run's: images sampled = 64 per iteration
-        iteration = float(query(prom_port, f"max({EXPORTED_PREFIX}iteration)", at)[0]["value"][1])
-        images = float(query(prom_port, f"sum({EXPORTED_PREFIX}rollout_images_total)", at)[0]["value"][1])
-        assert iteration >= 1 and images >= 64 * iteration
-        targets = {r["metric"]["instance"] for r in query(prom_port, "up", at)}
-        assert f"127.0.0.1:{metrics_port}" in targets
-    finally:
-        if prom is not None:
-            prom.terminate()
-            prom.wait(timeout=30)
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGINT)  # the job shuts its actors and its Ray down on Ctrl-C
-            try:
-                job.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                os.killpg(job.pid, signal.SIGKILL)
-                job.wait()
+            # rare events exist from the start, at 0 in a healthy run
+            events = {r["metric"]["event"]: float(r["value"][1])
+                      for r in query(prom_port, f"{EXPORTED_PREFIX}reward_events_total", at)}
+            assert events == {event: 0.0 for event in REWARD_EVENTS}
+            skipped = query(prom_port, f"{EXPORTED_PREFIX}updates_skipped_total", at)
+            assert [float(r["value"][1]) for r in skipped] == [0.0]
+            # the values are the run's: images sampled = 64 per iteration
+            iteration = float(query(prom_port, f"max({EXPORTED_PREFIX}iteration)", at)[0]["value"][1])
+            images = float(query(prom_port, f"sum({EXPORTED_PREFIX}rollout_images_total)", at)[0]["value"][1])
+            assert iteration >= 1 and images >= 64 * iteration
+            targets = {r["metric"]["instance"] for r in query(prom_port, "up", at)}
+            assert f"127.0.0.1:{metrics_port}" in targets
+        finally:
+            if prom is not None:
+                prom.terminate()
+                prom.wait(timeout=30)

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from cluster.config_loading import load_config
+from tests.jobs import run_job
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,26 +33,25 @@ def test_every_method_of_the_race_is_a_valid_micro_config():
     assert load_config(ROOT / "cluster" / "micro.yaml", rules["guard"][1]).learner.ratio_norm
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("method", [[], ["learner.objective=nft", "sampler.kind=ode", "sampler.fast_window=null",
-                                         "sampler.same_initial_noise=false"]], ids=["grpo", "nft"])
-def test_a_short_micro_run_trains_on_the_shapes_reward(tmp_path, method):
+@pytest.fixture(scope="module")
+def shapes_base(tmp_path_factory) -> Path:
+    """The shapes base model at its quick settings, built once for the module's runs."""
     from rollout.shapes.base_model import quick_settings
     from tests.bench_helpers import load_bench
 
-    base = tmp_path / "base"
+    base = tmp_path_factory.mktemp("shapes") / "base"
     load_bench("shapes_base").shapes_base(base, quick_settings())
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    overrides = [f"model.path={base}", f"output_dir={tmp_path / 'run'}", "iterations=2", "metrics.port=0",
-                 "data.images_per_iteration=16", "learner.micro_batch_size=4", "eval.every_n_iterations=2",
-                 "eval.source=shapes_heldout", "eval.batch_size=12", "checkpoint.every_n_iterations=0",
-                 "sampler.num_steps=4", *(method or ["sampler.fast_window.size=2"])]
-    args = [sys.executable, "-m", "learner.main", "--cfg", "cluster/micro.yaml"]
-    for o in overrides:
-        args += ["--set", o]
-    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    rows = [json.loads(ln) for ln in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    return base
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", [[], ["learner.objective=nft", "sampler.kind=ode", "sampler.fast_window=null",
+                                         "sampler.same_initial_noise=false"]], ids=["grpo", "nft"])
+def test_a_short_micro_run_trains_on_the_shapes_reward(shapes_base, tmp_path, method):
+    rows = run_job("micro", f"model.path={shapes_base}", "iterations=2", "metrics.port=0",
+                   "data.images_per_iteration=16", "learner.micro_batch_size=4", "eval.every_n_iterations=2",
+                   "eval.source=shapes_heldout", "eval.batch_size=12", "checkpoint.every_n_iterations=0",
+                   "sampler.num_steps=4", *(method or ["sampler.fast_window.size=2"]), out=tmp_path / "run").history
     assert [h["iteration"] for h in rows] == [1, 2] and rows[-1]["policy_version"] == 2  # 1 update per iteration
     assert set(rows[0]["rewards"]) == {"shapes"} and 0.0 <= rows[0]["rewards"]["shapes"] <= 1.0
     assert rows[-1]["samples"] == 16 and rows[-1]["eval"]["grid"].endswith("iter-000002.png")

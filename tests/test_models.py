@@ -319,18 +319,20 @@ def offline_hub(monkeypatch, tmp_path):
     return tmp_path / "hub-cache"
 
 
-def test_uncached_hub_id_with_downloads_off_raises_a_clear_error(offline_hub):
+def test_uncached_hub_id_with_the_hub_offline_raises_a_clear_error(offline_hub):
     with pytest.raises(ModelLoadError) as err:
-        load_flow_model("black-forest-labs/FLUX.1-dev", "flux", allow_download=False)
+        load_flow_model("black-forest-labs/FLUX.1-dev", "flux")
     message = str(err.value)
     assert "'black-forest-labs/FLUX.1-dev'" in message
-    assert "neither a local folder nor a model in the local Hugging Face cache" in message
-    assert "model.allow_download=true" in message and "model.path" in message
+    assert "neither a local folder nor in the local Hugging Face cache" in message
+    assert "HF_HUB_OFFLINE=1 is set" in message and "model.path" in message
 
 
-def test_unreachable_hub_with_downloads_on_raises_a_clear_error(offline_hub):
-    with pytest.raises(ModelLoadError, match="could not fetch 'stabilityai/stable-diffusion-3.5-medium'"):
-        load_flow_model("stabilityai/stable-diffusion-3.5-medium", "sd3", allow_download=True)
+def test_unreachable_hub_raises_a_clear_error(offline_hub, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(ModelLoadError, match="could not download 'stabilityai/stable-diffusion-3.5-medium'"):
+        load_flow_model("stabilityai/stable-diffusion-3.5-medium", "sd3")
 
 
 def test_cached_hub_id_loads_from_the_cache(offline_hub, tiny_model_dirs):

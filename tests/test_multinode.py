@@ -11,20 +11,16 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.bench_helpers import load_bench
+from tests.jobs import MAIN, ROOT, VENV_BIN, history, job_args, job_env, run_job, start_job
 
 local_cluster = load_bench("local_cluster")
 LocalCluster, submit_job = local_cluster.LocalCluster, local_cluster.submit_job
-ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
 PINNED = ["rollout.resources={rollout_node: 0.1}", "learner.resources={learner_node: 0.1}",
           "rewards.resources={head: 0.1}"]
 SMALL = ["data.images_per_iteration=16", "data.group_size=4", "rollout.samples_per_forward=4",
@@ -43,7 +39,7 @@ def cluster(three_nodes):
 
 @pytest.fixture(scope="module")
 def three_nodes():
-    host = LocalCluster(Path("/tmp") / f"flowrl-mn-{os.getpid()}", {"head": 1}, job_env())  # a short path: Ray's
+    host = LocalCluster(Path("/tmp") / f"flowrl-mn-{os.getpid()}", {"head": 1}, cluster_env())  # a short path: Ray's
     # socket paths are limited
     try:
         host.add("rollout", 2, {"rollout_node": 1})
@@ -53,38 +49,10 @@ def three_nodes():
         host.close()
 
 
-def job_env(cluster: LocalCluster | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PATH=f"{VENV_BIN}:{env.get('PATH', '')}", RAY_AUTH_MODE="disabled",
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    if cluster is not None:
-        env["RAY_ADDRESS"] = cluster.address  # the job joins the cluster
-    return env
-
-
-def job_args(out: Path, *overrides: str) -> list[str]:
-    args = ["-m", "learner.main", "--cfg", "cluster/tiny.yaml", "--set", f"output_dir={out}"]
-    for o in PINNED + SMALL + list(overrides):
-        args += ["--set", o]
-    return args
-
-
-def history(out: Path) -> list[dict]:
-    path = out / "history.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines()] if path.is_file() else []
-
-
-@contextmanager
-def job_in_background(cluster: LocalCluster, out: Path, log: Path, *overrides: str) -> Iterator[subprocess.Popen]:
-    """The job joined to the cluster, its output in `log`; killed on the way out if it still runs."""
-    with open(log, "w") as sink:
-        proc = subprocess.Popen([sys.executable, *job_args(out, *overrides)], cwd=ROOT, env=job_env(cluster),
-                                stdout=sink, stderr=subprocess.STDOUT, text=True)
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                proc.kill()
+def cluster_env(cluster: LocalCluster | None = None) -> dict[str, str]:
+    """Token auth off, loopback only; with `cluster`, a job joins it."""
+    return job_env(RAY_AUTH_MODE="disabled", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+                   RAY_ADDRESS=cluster.address if cluster is not None else None)
 
 
 def wait_for_iterations(out: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
@@ -98,8 +66,8 @@ def wait_for_iterations(out: Path, count: int, proc: subprocess.Popen, timeout: 
 @pytest.mark.slow
 def test_submitted_job_runs_its_pools_on_the_chosen_nodes(cluster, tmp_path):
     out = tmp_path / "run"
-    r = submit_job(str(VENV_BIN / "ray"), cluster.dashboard, ["python", *job_args(out, "iterations=3")], ROOT,
-                   job_env())
+    command = ["python", *MAIN, *job_args("tiny", *PINNED, *SMALL, "iterations=3", out=out)]
+    r = submit_job(str(VENV_BIN / "ray"), cluster.dashboard, command, ROOT, cluster_env())
     logs = sorted(cluster.temp_dir.glob("session_*/logs/dashboard*.log"))  # what the head says, if it failed
     assert r.returncode == 0, r.stderr[-1500:] + "".join(f"\n== {p}\n{p.read_text()[-1500:]}" for p in logs)
     assert "joined the Ray cluster" in r.stdout and "done: 3 iterations" in r.stdout
@@ -109,7 +77,7 @@ def test_submitted_job_runs_its_pools_on_the_chosen_nodes(cluster, tmp_path):
     assert [h["sampled_policy_versions"] for h in rows] == [[0], [1], [2]]
 
     listed = subprocess.run([str(VENV_BIN / "ray"), "list", "actors", f"--address={cluster.dashboard}", "--detail",
-                             "--format=json", "--limit=1000"], env=job_env(), capture_output=True, text=True,
+                             "--format=json", "--limit=1000"], env=cluster_env(), capture_output=True, text=True,
                             timeout=120)
     assert listed.returncode == 0, listed.stderr[-2000:]
     nodes: dict[str, set[str]] = {}
@@ -124,10 +92,9 @@ def test_submitted_job_runs_its_pools_on_the_chosen_nodes(cluster, tmp_path):
 @pytest.mark.slow
 def test_pools_that_cannot_be_placed_are_refused_naming_each_node(cluster, tmp_path):
     # 2.5 CPUs per learner rank: the cluster has 4 in all, but no node more than 2
-    r = subprocess.run([sys.executable, *job_args(tmp_path, "learner.num_cpus_per_actor=2.5"), "--dry-run"],
-                       cwd=ROOT, env=job_env(cluster), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
-    [error] = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    r = run_job("tiny", *PINNED, *SMALL, "learner.num_cpus_per_actor=2.5", out=tmp_path, dry_run=True, expect_rc=2,
+                timeout=300, env=cluster_env(cluster))
+    [error] = r.errors
     assert "PlacementError: pool 'learner': 1 bundle(s) of {CPU 2.5, learner_node 0.1}" in error
     assert "no node can hold one bundle" in error
     for node_id in cluster.nodes.values():
@@ -136,16 +103,13 @@ def test_pools_that_cannot_be_placed_are_refused_naming_each_node(cluster, tmp_p
 
     # each pool fits the rollout node alone, not together: the learner (reserved first) takes a CPU the rollouts need
     together = ["learner.resources={rollout_node: 0.1}", "rollout.num_cpus_per_actor=1", "ray.placement_timeout_s=3"]
-    r = subprocess.run([sys.executable, *job_args(tmp_path, *together), "--dry-run"],
-                       cwd=ROOT, env=job_env(cluster), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
-    [error] = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    r = run_job("tiny", *PINNED, *SMALL, *together, out=tmp_path, dry_run=True, expect_rc=2, timeout=300,
+                env=cluster_env(cluster))
+    [error] = r.errors
     assert "pool 'rollout': 2 bundle(s) of {CPU 1, rollout_node 0.1} (PACK) were not placed within 3 s" in error
     assert f"node {cluster.nodes['rollout'][:8]} has free: CPU 1.5," in error
 
-    r = subprocess.run([sys.executable, *job_args(tmp_path), "--dry-run"], cwd=ROOT, env=job_env(cluster),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = run_job("tiny", *PINNED, *SMALL, out=tmp_path, dry_run=True, timeout=300, env=cluster_env(cluster))
     assert f"learner: 1 x {{CPU 0.5, learner_node 0.1}} (PACK), checked on node {cluster.nodes['learner'][:8]}" \
         in r.stdout
     assert f"rollout: 2 x {{CPU 0.5, rollout_node 0.1}} (PACK), checked on node {cluster.nodes['rollout'][:8]}" \
@@ -156,7 +120,7 @@ def test_pools_that_cannot_be_placed_are_refused_naming_each_node(cluster, tmp_p
 @pytest.mark.slow
 def test_losing_the_rollout_node_requeues_its_groups_and_the_job_completes(cluster, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.log"
-    with job_in_background(cluster, out, log, "iterations=6") as proc:
+    with start_job("tiny", *PINNED, *SMALL, "iterations=6", out=out, log=log, env=cluster_env(cluster)) as proc:
         wait_for_iterations(out, 2, proc)
         killed_at = cluster.kill("rollout")
         done_at_kill = len(history(out))
@@ -187,7 +151,7 @@ def test_losing_the_rollout_node_requeues_its_groups_and_the_job_completes(clust
 @pytest.mark.slow
 def test_losing_the_learner_node_stops_the_job_and_resume_auto_completes_it(cluster, tmp_path):
     out, log = tmp_path / "run", tmp_path / "job.log"
-    with job_in_background(cluster, out, log, "iterations=5") as proc:
+    with start_job("tiny", *PINNED, *SMALL, "iterations=5", out=out, log=log, env=cluster_env(cluster)) as proc:
         wait_for_iterations(out, 2, proc)
         cluster.kill("learner")
         assert proc.wait(timeout=300) == 1, log.read_text()[-4000:]
@@ -197,9 +161,8 @@ def test_losing_the_learner_node_stops_the_job_and_resume_auto_completes_it(clus
     assert done >= 2 and f"iter-{done:06d}" in error
 
     cluster.add("learner", 1, {"learner_node": 1})  # the checkpoint was written by the learner node that is gone
-    r = subprocess.run([sys.executable, *job_args(out, "iterations=5"), "--resume", "auto"], cwd=ROOT,
-                       env=job_env(cluster), capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = run_job("tiny", *PINNED, *SMALL, "iterations=5", out=out, resume="auto", timeout=400,
+                env=cluster_env(cluster))
     assert f"at iteration {done}" in r.stdout
     assert [h["iteration"] for h in history(out)] == [1, 2, 3, 4, 5]
     assert history(out)[-1]["policy_version"] == 5

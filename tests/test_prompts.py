@@ -25,7 +25,7 @@ from rollout.prompts.geneval import (
 from rollout.prompts.groups import GroupSampler, PromptItem, sample_seed
 
 REPO = Path(__file__).resolve().parents[1]
-DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+DATASETS = REPO / "data"  # the prompt sets of Flow-GRPO (data/README.md)
 GENEVAL = DATASETS / "geneval" / "test_metadata.jsonl"
 OCR = DATASETS / "ocr" / "test.txt"
 PICKSCORE = DATASETS / "pickscore" / "test.txt"
@@ -33,23 +33,16 @@ PICKSCORE = DATASETS / "pickscore" / "test.txt"
 FLIP = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
-def need(path: Path) -> Path:
-    """Skip the test when a shared dataset file is absent."""
-    if not path.exists():
-        pytest.skip(f"shared dataset not found: {path}")
-    return path
-
-
 @pytest.fixture(scope="module")
 def geneval_rows() -> list[dict]:
     """The raw GenEval test records, parsed here without the code under test."""
-    text = need(GENEVAL).read_text(encoding="utf-8")
+    text = GENEVAL.read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 @pytest.fixture(scope="module")
 def geneval_items() -> list[PromptItem]:
-    return read_geneval_jsonl(need(GENEVAL))
+    return read_geneval_jsonl(GENEVAL)
 
 
 def fact(meta: dict) -> tuple:
@@ -94,7 +87,7 @@ def test_read_geneval_keeps_every_record(geneval_rows):
 
 @pytest.mark.parametrize("path,expected", [(OCR, 1018), (PICKSCORE, None)])
 def test_read_text_prompts_real_files(path, expected):
-    lines = [ln.strip() for ln in need(path).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
     items = read_text_prompts(path)
     if expected is not None:
         assert len(items) == expected

@@ -16,17 +16,16 @@ import torch
 from cluster.config import ConfigError
 from cluster.config_loading import load_config
 from rollout.models.loading import ModelLoadError, load_flow_model
-from rollout.models.tiny import build_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
+def folders(tiny_model_dirs, tmp_path_factory):
     """family -> (tiny model folder, the same with only the transformer's and the VAE's config.json)."""
     out = {}
     for family in ("flux", "qwen_image"):
-        full = build_tiny(family, tmp_path_factory.mktemp(family) / "model")
+        full = tiny_model_dirs[family]
         configs = tmp_path_factory.mktemp(family) / "configs"
         for sub in ("transformer", "vae"):
             (configs / sub).mkdir(parents=True)

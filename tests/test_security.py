@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
+
+from tests.jobs import job_env, start_job
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
@@ -33,20 +32,17 @@ def listening(root_pid: int) -> list[tuple[str, int, str]]:
 def test_a_tiny_job_listens_on_loopback_only(tmp_path):
     """Two learner ranks (torch.distributed store + gloo), rollout and reward actors, the metrics agent and the
     Ray dashboard: all on 127.0.0.1, listed while the job trains."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
-    job = subprocess.Popen(
-        [sys.executable, "-m", "learner.main", "--cfg", "cluster/tiny.yaml", "--set", "iterations=4",
-         "--set", f"output_dir={tmp_path}", "--set", "metrics.port=0", "--set", "ray.include_dashboard=true",
-         "--set", "learner.num_actors=2", "--set", "learner.num_cpus_per_actor=0.25",
-         "--set", "eval.every_n_iterations=0", "--set", "checkpoint.every_n_iterations=0"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = job_env(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=None)
     sockets, output = [], []
-    for line in job.stdout:
-        output.append(line)
-        if "iter 2/4" in line:
-            sockets = listening(job.pid)
-            break
-    rest, _ = job.communicate(timeout=300)
+    with start_job("tiny", "iterations=4", "metrics.port=0", "ray.include_dashboard=true", "learner.num_actors=2",
+                   "learner.num_cpus_per_actor=0.25", "eval.every_n_iterations=0", "checkpoint.every_n_iterations=0",
+                   out=tmp_path, env=env) as job:
+        for line in job.stdout:
+            output.append(line)
+            if "iter 2/4" in line:
+                sockets = listening(job.pid)
+                break
+        rest, _ = job.communicate(timeout=300)
     assert job.returncode == 0, "".join(output[-30:]) + rest[-3000:]
     names = {name for _, _, name in sockets}
     assert {"gcs_server", "raylet"} <= names and any("LearnerActor" in n for n in names), sorted(names)

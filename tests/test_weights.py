@@ -126,6 +126,7 @@ def test_full_state_moves_exactly(tiny_model_dirs):
     assert torch.equal(_forward(target), _forward(source))
 
 
+@pytest.mark.slow
 def test_store_keeps_only_newer_versions(ray_local):
     ray = ray_local
     store = weight_store("test-weights-store")
@@ -142,6 +143,7 @@ def test_store_keeps_only_newer_versions(ray_local):
     ray.kill(store)
 
 
+@pytest.mark.slow
 def test_buckets_cut_a_state_in_order_and_arrive_whole(ray_local):
     from rollout.weights import put_buckets, split_buckets
 

@@ -112,8 +112,8 @@ def check_where_placed(cfg: JobConfig, pools: dict[str, ActorPool], dry_run: boo
                               + "\n".join(f"  {line}" for line in failed))
     if failed:
         raise NodeCheckFailed(failed[0])
-    return lines + [f"checkpoint.storage {storage}: a probe file written and removed in each of the {len(probes)} "
-                    f"learner bundles"]
+    return lines + [f"checkpoint.storage {storage}: a probe file written and removed there from every learner "
+                    f"bundle ({len(probes)})"]
 
 
 def dry_run(cfg: JobConfig) -> list[str]:

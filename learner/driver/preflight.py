@@ -104,7 +104,7 @@ def _input_problem(i: Input, dry_run: bool) -> tuple[str | None, str | None]:
     if i.holds == "prompts":
         return f"{i.field}: {i.value}: prompt file not found", None
     if i.holds == "file" and not i.filename:
-        return f"{i.field} {i.value!r}: no such file", None
+        return f"{i.field} {i.value!r}: no such file; give a local file", None
     if not looks_like_hub_id(i.value):
         what = ("folder", "a local diffusers folder") if i.holds == "diffusers" else ("file or folder", "a local path")
         return f"{i.field} {i.value!r}: no such {what[0]} (and not a hub id like 'org/name'); give {what[1]} or a " \
