@@ -20,6 +20,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_AUTH_MODE"] = "disabled"
 
 import json  # noqa: E402
+import re  # noqa: E402
 import shutil  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
@@ -73,13 +74,14 @@ def main(temp_dir: str, dashboard_port: int, head_resources: dict) -> None:
         cluster.shutdown()
 
 
-def stop_processes_of(temp_dir: Path) -> None:
-    """Kill the Ray processes whose command line names `temp_dir` (a cluster started with it), and their children:
-    `ray stop` would stop every cluster on the machine."""
+def stop_processes_of(temp_dir: Path, *also: re.Pattern) -> None:
+    """Kill the Ray processes whose command line names `temp_dir` (a cluster started with it) or matches one of `also`,
+    and their children: `ray stop` would stop every cluster on the machine."""
     victims = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if any(str(temp_dir) in part for part in (p.info["cmdline"] or [])):
+            line = " ".join(p.info["cmdline"] or [])
+            if p.pid != os.getpid() and (str(temp_dir) in line or any(pattern.search(line) for pattern in also)):
                 victims += [p] + p.children(recursive=True)
         except psutil.Error:
             continue

@@ -131,7 +131,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     """Errors caused by the job's inputs (config, files, cluster size): exit code 2, like a bad config."""
     from cluster.pools import PlacementError
     from cluster.runtime import ClusterTooSmall
-    from learner.driver.preflight import InputError
+    from learner.driver.inputs import InputError
     from rollout.models.loading import ModelLoadError
 
     # CheckpointError, PromptFileError and NodeCheckFailed are ValueErrors too

@@ -18,7 +18,7 @@ from typing import Callable
 import huggingface_hub.constants
 import pytest
 
-from learner.driver.preflight import InputError
+from learner.driver.inputs import InputError
 from learner.main import main
 from tests.jobs import job_env, run_job
 
@@ -409,7 +409,7 @@ def test_hub_ids_not_cached_are_listed_with_their_download_size(tmp_path, monkey
     from types import SimpleNamespace
 
     from cluster.config_loading import load_config
-    from learner.driver.preflight import check_inputs
+    from learner.driver.inputs import check_inputs
 
     files = {  # repo -> {file: bytes}
         "black-forest-labs/FLUX.1-dev": {

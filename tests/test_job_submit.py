@@ -14,7 +14,6 @@ import socket
 import subprocess
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.bench_helpers import load_bench
@@ -32,21 +31,7 @@ def free_port() -> int:
 def stop_cluster(temp_dir: Path, gcs_port: int) -> None:
     """Kill the processes of the cluster started with `temp_dir` and their children: those whose command line names
     that folder, and the Ray client server, whose command line names only the cluster's GCS address."""
-    local_cluster.stop_processes_of(temp_dir)
-    gcs = re.compile(rf"127\.0\.0\.1:{gcs_port}\b")
-    victims = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if p.pid != os.getpid() and gcs.search(" ".join(p.info["cmdline"] or [])):
-                victims += [p] + p.children(recursive=True)
-        except psutil.Error:
-            continue
-    for p in victims:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(victims, timeout=20)
+    local_cluster.stop_processes_of(temp_dir, re.compile(rf"127\.0\.0\.1:{gcs_port}\b"))
 
 
 @pytest.fixture

@@ -48,7 +48,8 @@ def reserve_pools(cfg: JobConfig, classes: dict[str, type] | None = None) -> dic
 
 
 def _learner_here(cfg: JobConfig, dry_run: bool) -> str:
-    from learner.driver.preflight import inputs_here, lora_targets_here, model_here, model_inputs
+    from learner.driver.inputs import inputs_here, model_inputs
+    from learner.driver.preflight import lora_targets_here, model_here
 
     downloads = inputs_here(model_inputs(cfg, ("transformer",)), dry_run)
     folder = model_here(cfg, ("transformer",))
@@ -57,14 +58,16 @@ def _learner_here(cfg: JobConfig, dry_run: bool) -> str:
 
 
 def _rollout_here(cfg: JobConfig, dry_run: bool) -> str:
-    from learner.driver.preflight import inputs_here, model_here, model_inputs
+    from learner.driver.inputs import inputs_here, model_inputs
+    from learner.driver.preflight import model_here
 
     downloads = inputs_here(model_inputs(cfg), dry_run)
     return "; ".join([*downloads, f"model at {model_here(cfg)}"])
 
 
 def _scorer_here(name: str, options: dict[str, Any], field: str, dry_run: bool) -> str:
-    from learner.driver.preflight import inputs_here, scorer_here, scorer_inputs
+    from learner.driver.inputs import inputs_here, scorer_inputs
+    from learner.driver.preflight import scorer_here
 
     downloads = inputs_here(scorer_inputs(name, options, field), dry_run)
     scorer_here(name, options, field)
