@@ -88,12 +88,12 @@ class Job:
                         pool.shutdown()
                     raise
                 bar.update(1)
+                # Every pool's actors are created before any is waited for: they import and load side by side.
                 bar.set_postfix_str("rollout actors")
                 store_key = f"{cfg.run_name}-{uuid.uuid4().hex[:8]}"  # two jobs on one cluster never share a store
                 self.store = weight_store(store_key)
                 self.pool = RolloutPool(cfg, objective_for(cfg).rollout_settings(), weight_store_name(store_key),
                                         actors=pools["rollout"], report=self.events.report)
-                negative = self.pool.negative_embeds()
                 bar.update(1)
                 bar.set_postfix_str("reward actors")
                 self.rewards = RewardService(cfg.rewards, metrics=cfg.metrics.enabled, report=self.events.report,
@@ -101,6 +101,7 @@ class Job:
                 bar.update(1)
                 bar.set_postfix_str("learner")
                 self.learner = RankGroup(LearnerActor, lc, actors=pools["learner"])
+                negative = self.pool.negative_embeds()
                 info = self.learner_get(self.learner.run("setup", cfg, negative, self.store))[0]
                 self.learner_nodes = [node[:8] for node in self.learner_get(self.learner.run("node"))]
                 bar.update(1)

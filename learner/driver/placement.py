@@ -18,6 +18,7 @@ import ray
 
 from cluster.config import JobConfig
 from cluster.pools import ActorPool, describe
+from learner.driver.node_checks import learner_node, rollout_node, scorer_node, storage_node
 from learner.driver.preflight import absolute_paths
 from learner.ranks.actor import LearnerActor
 from learner.ranks.checkpoint import checkpoint_root
@@ -47,40 +48,6 @@ def reserve_pools(cfg: JobConfig, classes: dict[str, type] | None = None) -> dic
     return pools
 
 
-def _learner_here(cfg: JobConfig, dry_run: bool) -> str:
-    from learner.driver.inputs import inputs_here, model_inputs
-    from learner.driver.preflight import lora_targets_here, model_here
-
-    downloads = inputs_here(model_inputs(cfg, ("transformer",)), dry_run)
-    folder = model_here(cfg, ("transformer",))
-    lora_targets_here(cfg)
-    return "; ".join([*downloads, f"transformer at {folder}"])
-
-
-def _rollout_here(cfg: JobConfig, dry_run: bool) -> str:
-    from learner.driver.inputs import inputs_here, model_inputs
-    from learner.driver.preflight import model_here
-
-    downloads = inputs_here(model_inputs(cfg), dry_run)
-    return "; ".join([*downloads, f"model at {model_here(cfg)}"])
-
-
-def _scorer_here(name: str, options: dict[str, Any], field: str, dry_run: bool) -> str:
-    from learner.driver.inputs import inputs_here, scorer_inputs
-    from learner.driver.preflight import scorer_here
-
-    downloads = inputs_here(scorer_inputs(name, options, field), dry_run)
-    scorer_here(name, options, field)
-    return "; ".join([*downloads, "options and weights found"])
-
-
-def _storage_here(storage: str) -> None:
-    from learner.driver.preflight import writable_here
-
-    node = f" on node {ray.get_runtime_context().get_node_id()[:8]} ({ray.util.get_node_ip_address()})"
-    writable_here("checkpoint.storage", storage, node)
-
-
 class NodeCheckFailed(ValueError):
     """A check run where a pool's actors will run failed there; the message names the pool and the node."""
 
@@ -90,14 +57,14 @@ def check_where_placed(cfg: JobConfig, pools: dict[str, ActorPool], dry_run: boo
     targets) for learner and rollout, the options and weights of each scorer; and in every learner bundle, that
     checkpoint.storage can be written there. `dry_run`: a hub id not in a node's cache is missing (nothing is
     downloaded). One line per pool, or NodeCheckFailed listing every check that failed, one line each."""
-    checks: dict[str, tuple[Any, tuple]] = {"learner": (_learner_here, (cfg, dry_run)),
-                                            "rollout": (_rollout_here, (cfg, dry_run))}
-    checks.update({f"rewards/{s.name}": (_scorer_here, (s.name, s.options, f"rewards.scorers.{i}.options", dry_run))
+    checks: dict[str, tuple[Any, tuple]] = {"learner": (learner_node, (cfg, dry_run)),
+                                            "rollout": (rollout_node, (cfg, dry_run))}
+    checks.update({f"rewards/{s.name}": (scorer_node, (s.name, s.options, f"rewards.scorers.{i}.options", dry_run))
                    for i, s in enumerate(cfg.rewards.scorers)})
     refs = [(name, pools[name].run_in_bundle(fn, *args)) for name, (fn, args) in checks.items()]
     storage = str(checkpoint_root(cfg))
     learner = pools["learner"]
-    probes = [("learner", learner.run_in_bundle(_storage_here, storage, bundle=b)) for b in range(learner.free_bundles)]
+    probes = [("learner", learner.run_in_bundle(storage_node, storage, bundle=b)) for b in range(learner.free_bundles)]
     lines, failed = [], []
     for name, ref in refs + probes:
         try:
