@@ -3,7 +3,8 @@
 For each scorer of `rewards.scorers`, a pool of ScorerActor processes (`rewards.num_actors` of `num_cpus_per_actor`
 and `num_gpus_per_actor` each, unless the scorer's own entry overrides them) build the scorer once. A group's images
 go into the object store once; each scorer's pool gets the group as contiguous batches, one per actor, sent to the
-least busy actors. Each call gets `timeout_s` of its own: it must answer within timeout_s × (1 + calls queued ahead
+least busy actors; images already in the object store (a rollout's, by reference) are fetched by the actors on their
+own nodes. Each call gets `timeout_s` of its own: it must answer within timeout_s × (1 + calls queued ahead
 of it on its actor) of being sent, or its actor is killed (Ray restarts it, up to `rewards.max_restarts`); a batch
 whose actor died or hung is retried on another actor, at most `max_retries` times. A NaN/inf score, a scorer
 exception or exhausted retries fail the whole group with a RewardError that names it: a group is never scored 0. The
@@ -28,6 +29,11 @@ from rewards.base import RewardInputError, ScorerUnavailable, as_uint8_images
 
 class RewardError(RuntimeError):
     """A group could not be scored: a scorer raised, returned NaN/inf, or its actors failed every retry."""
+
+
+class ImagesLost(RewardError):
+    """A group's images, submitted by reference, are gone from the object store (the node that held them left): the
+    group must be sampled again, not dropped."""
 
 
 @dataclass
@@ -94,9 +100,9 @@ class ScorerActor:
 
     def score(self, images: np.ndarray, start: int, stop: int, prompts: Sequence[str],
               metadata: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, dict[str, np.ndarray], float]:
-        """Scores and metrics of images[start:stop], and the seconds it took."""
+        """Scores and metrics of images[start:stop] (a uint8 array or tensor), and the seconds it took."""
         began = time.perf_counter()
-        result = self.scorer(images[start:stop], prompts, metadata)
+        result = self.scorer(as_uint8_images(images[start:stop]), prompts, metadata)
         metrics = {k: np.asarray(v) for k, v in result.metrics.items()}
         seconds = time.perf_counter() - began
         self.metrics.observe("reward_seconds", seconds, scorer=self.name)
@@ -196,18 +202,23 @@ class RewardService:
 
     def submit(self, images: Any, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None, *,
                group_id: int) -> RewardHandle:
-        """Start scoring one group (uint8 (N, H, W, 3) images, one prompt and metadata entry per image)."""
+        """Start scoring one group: uint8 (N, H, W, 3) images, or an object ref to them (not fetched here), and one
+        prompt and metadata entry per image."""
         import ray
 
-        images = as_uint8_images(images)
-        n = images.shape[0]
+        if isinstance(images, ray.ObjectRef):
+            n = len(prompts)
+        else:
+            images = as_uint8_images(images)
+            n = images.shape[0]
+            images = ray.put(images)
         metadata = [{} for _ in range(n)] if metadata is None else [dict(m) for m in metadata]
         if len(prompts) != n or len(metadata) != n or n == 0:
             raise RewardInputError(f"group {group_id}: {n} images but {len(prompts)} prompts and "
                                    f"{len(metadata)} metadata entries")
         if group_id in self._groups:
             raise ValueError(f"group {group_id} is already being scored; collect it first")
-        group = _Group(group_id, ray.put(images), list(prompts), metadata, time.monotonic(),
+        group = _Group(group_id, images, list(prompts), metadata, time.monotonic(),
                        scores={name: np.full(n, np.nan, np.float32) for name in self._actors},
                        pending={name: 0 for name in self._actors})
         self._groups[group_id] = group
@@ -326,6 +337,9 @@ class RewardService:
         try:
             scores, metrics, seconds = ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError) as err:
+            if getattr(err, "object_ref_hex", None) == group.images.hex():  # the images, not the actor, are gone
+                self._fail(group, f"its images are lost ({_cause(err)})", lost=True)
+                return
             self.counters.actor_failures += 1
             self._died(name, call)
             self._report("reward_actor_failed", f"reward actor {name}-{call.actor} failed on group {group.group_id} "
@@ -394,10 +408,11 @@ class RewardService:
                                      f"{group.group_id} sent again (attempt {batch.attempt + 1}: {reason})")
         self._send(batch, avoid=failed_actor)
 
-    def _fail(self, group: _Group, message: str) -> None:
+    def _fail(self, group: _Group, message: str, lost: bool = False) -> None:
+        """Fail the group (RewardError; ImagesLost with `lost`: it is sampled again, not counted as failed)."""
         if group.error is None:
-            group.error = RewardError(f"group {group.group_id}: {message}")
-            self.counters.groups_failed += 1
+            group.error = (ImagesLost if lost else RewardError)(f"group {group.group_id}: {message}")
+            self.counters.groups_failed += not lost
 
 
 def _short_node(ref: Any) -> str:

@@ -1,5 +1,6 @@
-"""`RolloutPool`: N `RolloutWorker` actors that take whole prompt groups as they free up and return each group's
-`Trajectories` as soon as it finishes; the pool can grow or shrink while groups are in flight.
+"""`RolloutPool`: N `RolloutWorker` actors that take whole prompt groups as they free up and deliver each group as soon
+as it finishes, by reference (`SampledGroup`: the summary fetched, record and images left where they were sampled);
+the pool can grow or shrink while groups are in flight.
 
 Every submitted group is delivered exactly once: a group is either queued or held by one worker; a worker that dies
 or becomes unreachable while holding one hands it back to the front of the queue whole, and a worker being removed
@@ -26,7 +27,8 @@ from cluster.errors import first_line
 from cluster.pools import ActorPool, describe
 from rollout.models.contract import PromptEmbeds
 from rollout.prompts.groups import PromptGroup
-from rollout.sampling.trajectory import SamplerSettings, Trajectories
+from rollout.sampled import SampledGroup
+from rollout.sampling.trajectory import SamplerSettings
 from rollout.weights import PackedState
 from rollout.worker import RolloutWorker
 
@@ -72,9 +74,10 @@ class RolloutPool:
         self._report = report or (lambda event, message: None)
         self._slots: list[_Slot] = []
         self._queue: deque[PromptGroup] = deque()
-        self._in_flight: dict[ray.ObjectRef, tuple[_Slot, PromptGroup]] = {}
+        # summary ref -> the worker, the group, and the refs of its record and images
+        self._in_flight: dict[ray.ObjectRef, tuple[_Slot, PromptGroup, ray.ObjectRef, ray.ObjectRef]] = {}
         self._probes: dict[ray.ObjectRef, _Slot] = {}
-        self._done: deque[Trajectories] = deque()  # sampled, not yet taken by next_result
+        self._done: deque[SampledGroup] = deque()  # sampled, not yet taken by next_result
         self._attempts: dict[int, int] = {}
         self.requeued = 0  # groups queued again because their worker died or became unreachable
         self.resize(num_workers if num_workers is not None else cfg.rollout.num_actors)
@@ -96,15 +99,15 @@ class RolloutPool:
 
     def pending_groups(self) -> list[PromptGroup]:
         """The groups submitted and not yet delivered: queued, being sampled, sampled and not taken yet."""
-        done = [PromptGroup(t.group_id, t.prompt, t.metadata, t.seeds) for t in self._done]
-        return list(self._queue) + [group for _, group in self._in_flight.values()] + done
+        done = [sampled.summary.prompt_group() for sampled in self._done]
+        return list(self._queue) + [group for _, group, _, _ in self._in_flight.values()] + done
 
     def submit(self, groups: Iterable[PromptGroup]) -> None:
         """Queue groups; idle workers start on them at once."""
         self._queue.extend(groups)
         self._dispatch()
 
-    def next_result(self, timeout: float | None = None, until: Sequence[ray.ObjectRef] = ()) -> Trajectories | None:
+    def next_result(self, timeout: float | None = None, until: Sequence[ray.ObjectRef] = ()) -> SampledGroup | None:
         """The next finished group, in completion order; None after `timeout` seconds, when nothing is pending, or as
         soon as one of `until` (the learner's update, say) is ready. The workers keep sampling meanwhile.
 
@@ -136,9 +139,9 @@ class RolloutPool:
         if ready[0] in self._probes:
             self._probed(ready[0])
             return
-        slot, group = self._in_flight.pop(ready[0])
+        slot, group, record, images = self._in_flight.pop(ready[0])
         try:
-            result = ray.get(ready[0])
+            summary = ray.get(ready[0])
         except (ActorUnavailableError, ObjectLostError):  # its node left, with the result maybe
             self._unreachable(slot, group)
             return
@@ -146,14 +149,14 @@ class RolloutPool:
             self._worker_failed(slot, group, err)
             return
         self._attempts.pop(group.group_id, None)
-        slot.policy_version = result.policy_version
+        slot.policy_version = summary.policy_version
         if slot.retiring:
             self._remove(slot)
-        self._done.append(result)
+        self._done.append(SampledGroup(summary, record, images))
         self._dispatch()
 
-    def results(self) -> Iterator[Trajectories]:
-        """Every pending group's trajectories, as they finish."""
+    def results(self) -> Iterator[SampledGroup]:
+        """Every pending group, as it finishes."""
         while self.pending:
             result = self.next_result()
             if result is not None:
@@ -169,7 +172,7 @@ class RolloutPool:
             self._actors.reserve(num_workers - len(active) - self._actors.free_bundles)
         for _ in range(num_workers - len(active)):
             self._slots.append(self._spawn())
-        busy = {id(slot) for slot, _ in self._in_flight.values()}
+        busy = {id(slot) for slot, *_ in self._in_flight.values()}
         # idle workers first, newest first among equals
         order = sorted(reversed(active), key=lambda slot: id(slot) in busy)
         for slot in order[:max(0, len(active) - num_workers)]:
@@ -179,8 +182,9 @@ class RolloutPool:
         self._dispatch()
 
     def sample_eval(self, prompts: Sequence[str], seeds: Sequence[int],
-                    weights: PackedState | None = None) -> torch.Tensor:
-        """Evaluation images for (prompt, seed) pairs, batches spread over the workers: uint8 (B, H, W, 3) in order.
+                    weights: PackedState | None = None) -> list[ray.ObjectRef]:
+        """Evaluation images for (prompt, seed) pairs in batches of eval.batch_size spread over the workers; once all
+        are sampled, one ref per batch in order, each to uint8 (b, H, W, 3) images left where they were sampled.
 
         `weights`: a packed state (rollout.weights.PackedState), e.g. the EMA weights, used instead of the policy.
         """
@@ -189,20 +193,15 @@ class RolloutPool:
         reachable = [slot.handle for slot in self._slots if not slot.retiring and slot.lost_since is None]
         workers = reachable or self.workers  # with none reachable, the calls wait for the workers' restart
         size = self._cfg.eval.batch_size
-        starts = range(0, len(prompts), size)
-        refs = [
-            workers[i % len(workers)].sample_eval.remote(list(prompts[at:at + size]), list(seeds[at:at + size]), weights)
-            for i, at in enumerate(starts)
-        ]
-        res = self._cfg.model.resolution
-        if not refs:
-            return torch.empty(0, res, res, 3, dtype=torch.uint8)
+        batches = {workers[i % len(workers)].sample_eval.remote(list(prompts[at:at + size]), list(seeds[at:at + size]),
+                                                                weights): len(prompts[at:at + size])
+                   for i, at in enumerate(range(0, len(prompts), size))}
         with tqdm(total=len(prompts), desc="evaluation", unit="image", leave=False, disable=None) as bar:
-            pending = list(refs)
+            pending = list(batches)
             while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                bar.update(len(ray.get(done[0])))
-        return torch.cat(ray.get(refs))
+                done, pending = ray.wait(pending, num_returns=1, fetch_local=False)
+                bar.update(batches[done[0]])
+        return list(batches)
 
     def describe(self) -> list[dict[str, Any]]:
         """Each worker that takes groups: its name, node (short id; "starting" until known, "unreachable" when
@@ -249,14 +248,15 @@ class RolloutPool:
 
     def _dispatch(self) -> None:
         """Give each idle, reachable, non-retiring worker the next queued group."""
-        busy = {id(slot) for slot, _ in self._in_flight.values()}
+        busy = {id(slot) for slot, *_ in self._in_flight.values()}
         for slot in self._slots:
             if not self._queue:
                 return
             if slot.retiring or slot.lost_since is not None or id(slot) in busy:
                 continue
             group = self._queue.popleft()
-            self._in_flight[slot.handle.sample_group.remote(group)] = (slot, group)
+            summary, record, images = slot.handle.sample_group.remote(group)
+            self._in_flight[summary] = (slot, group, record, images)
 
     def _requeue(self, slot: _Slot, group: PromptGroup, event: str, why: str) -> None:
         """Put a group whose call was lost back at the front of the queue, and say so."""

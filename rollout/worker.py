@@ -19,7 +19,7 @@ from rollout.models.loading import load_configured
 from rollout.policy import add_lora, apply_policy_state, policy_state
 from rollout.prompts.groups import PromptGroup
 from rollout.sampling.loop import RolloutSampler
-from rollout.sampling.trajectory import SamplerSettings, Trajectories
+from rollout.sampling.trajectory import GroupRecord, RecordSummary, SamplerSettings
 from rollout.weights import PackedState, fetch_state
 
 
@@ -98,15 +98,17 @@ class RolloutWorker:
                     pass
         return self._version
 
-    def sample_group(self, group: PromptGroup) -> Trajectories:
-        """G trajectories of one group with the newest weights, tagged with their policy version."""
+    @ray.method(num_returns=3)
+    def sample_group(self, group: PromptGroup) -> tuple[RecordSummary, GroupRecord, torch.Tensor]:
+        """One group sampled with the newest weights, tagged with their policy version, as three objects
+        (rollout/sampled.py): its summary, its record without images, its images."""
         self.refresh_weights()
         started = time.perf_counter()
-        trajectories = self._sampler.sample_group(group, self._version)
+        record = self._sampler.sample_group(group, self._version)
         self._metrics.inc("rollout_images_total", len(group.seeds), actor=self._name)
         self._metrics.set("rollout_images_per_second", len(group.seeds) / (time.perf_counter() - started),
                           actor=self._name)
-        return trajectories
+        return record.summary(), record.without_images(), record.images
 
     def sample_eval(self, prompts: Sequence[str], seeds: Sequence[int],
                     weights: PackedState | None = None) -> torch.Tensor:

@@ -80,11 +80,12 @@ def run_job(cfg: str, *overrides: str, out: Path | None, expect_rc: int = 0, tim
 
 @contextmanager
 def start_job(cfg: str, *overrides: str, out: Path, log: Path | None = None, resume: str | None = None,
-              env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+              env: dict[str, str] | None = None, script: str | None = None) -> Iterator[subprocess.Popen]:
     """The job in the background, its output in `log` (or in the process' `stdout` pipe); on the way out, if it still
-    runs, stopped with Ctrl-C (it shuts down its actors and its Ray), then killed."""
+    runs, stopped with Ctrl-C (it shuts down its actors and its Ray), then killed. `script`: as for `run_job`."""
     sink = open(log, "w") if log else subprocess.PIPE
-    proc = subprocess.Popen([sys.executable, *MAIN, *job_args(cfg, *overrides, out=out, resume=resume)], cwd=ROOT,
+    head = ["-c", script] if script else MAIN
+    proc = subprocess.Popen([sys.executable, *head, *job_args(cfg, *overrides, out=out, resume=resume)], cwd=ROOT,
                             env=env or job_env(), stdout=sink, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:

@@ -60,3 +60,12 @@ class NanForWord(Scorer):
         scores = mean_scores(images, prompts)
         scores[[self.word in p for p in prompts]] = np.nan
         return ScoreResult(scores=scores)
+
+
+class ImageHolder:
+    """An actor that keeps images in the object store as their owner, like a rollout worker's returned images."""
+
+    def put(self, images):
+        import ray
+
+        return [ray.put(images)]  # in a list: the caller gets the reference, not the array

@@ -248,7 +248,9 @@ def test_exported_lora_loads_into_diffusers_and_reproduces_the_evaluation(full_r
 
 
 @pytest.mark.slow
-def test_the_driver_receives_no_model_state_while_checkpointing(ray_local, tiny_model_dirs, tmp_path, monkeypatch):
+def test_the_driver_receives_no_record_and_no_model_state(ray_local, tiny_model_dirs, tmp_path, monkeypatch):
+    """Counted at every `ray.get` of the driver: an iteration brings it the groups' summaries and the scores, a
+    checkpoint file names and sizes; the records, the images and the weights go from actor to actor."""
     import pickle
 
     from cluster.config_loading import load_config
@@ -256,25 +258,33 @@ def test_the_driver_receives_no_model_state_while_checkpointing(ray_local, tiny_
 
     cfg = load_config(ROOT / "cluster/tiny.yaml", BASE + [
         f"output_dir={tmp_path}", "iterations=1", f"model.path={tiny_model_dirs['flux']}", "model.build_tiny=false",
-        "checkpoint.every_n_iterations=0"])
+        "checkpoint.every_n_iterations=0", "eval.every_n_iterations=0"])
+    received: list[tuple[str, int]] = []
+    real_get = ray_local.get
+
+    def counting_get(refs, *args, **kwargs):
+        values = real_get(refs, *args, **kwargs)
+        received.append((stage, len(pickle.dumps(values))))
+        return values
+
     job = Job(cfg, say=lambda message: None)
     try:
         job.resume("none")
-        job.run()
-        received = []
-        real_get = ray_local.get
-
-        def counting_get(refs, *args, **kwargs):
-            values = real_get(refs, *args, **kwargs)
-            received.append(len(pickle.dumps(values)))
-            return values
-
         monkeypatch.setattr(ray_local, "get", counting_get)
+        stage = "iteration"
+        [row] = job.run()
+        stage = "checkpoint"
         folder = job.checkpoint()
         monkeypatch.undo()
     finally:
         job.shutdown()
+    iteration = sum(n for s, n in received if s == "iteration")
+    checkpoint = sum(n for s, n in received if s == "checkpoint")
+    latent = 16 * (cfg.model.resolution // 8) ** 2 * 4  # float32 bytes of one state (FLUX: 16 channels, 1/8 size)
+    states = row["samples"] * cfg.trained_steps * 2 * latent  # states and next states alone, in the records
+    assert iteration < states / row["groups"], (iteration, states)  # less than one group's states: no record
     written = sum(p.stat().st_size for p in folder.rglob("*.safetensors"))
     assert written > 100_000  # the rank's weights, optimizer state and EMA, and the exported LoRA
-    assert received and sum(received) < 2_000, received  # file names and sizes, a counter: no tensors
-    print(f"MEASURED checkpoint: the driver received {sum(received)} bytes; the ranks wrote {written} bytes")
+    assert 0 < checkpoint < 2_000, received  # file names and sizes, a counter: no tensors
+    print(f"MEASURED the driver received {iteration} bytes in an iteration whose recorded states alone are {states} "
+          f"bytes, and {checkpoint} bytes in a checkpoint whose ranks wrote {written} bytes")

@@ -216,6 +216,38 @@ def test_a_nonfinite_update_is_skipped_on_every_rank_alike(ray_local, tiny_model
     assert good["updates"][0]["step_applied"] == 1.0 and good["policy_version"] == 2
 
 
+@pytest.mark.slow
+def test_a_record_lost_before_one_rank_fetched_it_stops_every_rank_before_the_update(ray_local, tiny_model_dirs,
+                                                                                     batch):
+    """Rank 1's group comes by a reference whose owner is gone (as a record on a node that left): both ranks answer
+    the lost group and train nothing, though rank 0's record is there."""
+    from rollout.sampled import SampledGroup
+    from tests.reward_helpers import ImageHolder
+
+    cfg = _config(tiny_model_dirs["flux"], num_actors=2, micro_batch_size=2)
+    groups, rewards = sort_batch(*batch, cfg.trained_steps)  # group 1 is rank 0's, group 4 rank 1's
+    holder = ray_local.remote(num_cpus=0)(ImageHolder).remote()
+    [lost] = ray_local.get(holder.put.remote(groups[1].without_images()))
+    ray_local.kill(holder)
+    with pytest.raises(ray_local.exceptions.RayActorError):
+        ray_local.get(holder.put.remote(None), timeout=60)
+    sampled = [SampledGroup(groups[0].summary(), ray_local.put(groups[0].without_images()), None),
+               SampledGroup(groups[1].summary(), lost, None)]
+    group = RankGroup(LearnerActor, PoolConfig(num_actors=2, num_cpus_per_actor=0.5))
+    try:
+        ray_local.get(group.run("setup", cfg))
+        before = ray_local.get(group.run("state"))
+        answers = ray_local.get(group.run("train_iteration", sampled, rewards))
+        after = ray_local.get(group.run("state"))
+    finally:
+        group.kill()
+    assert answers == [{"lost_groups": [groups[1].group_id], "policy_version": 0}] * 2
+    for rank in range(2):
+        assert after[rank]["counters"] == before[rank]["counters"]
+        for k, v in before[rank]["weights"].items():
+            assert torch.equal(after[rank]["weights"][k], v), k
+
+
 def _tensors(tree) -> list[torch.Tensor]:
     """Every tensor of a nested optimizer state, in order."""
     if isinstance(tree, torch.Tensor):

@@ -7,7 +7,7 @@ import torch
 
 from cluster.config import LoraConfig
 from learner.objectives.base import StepLoss, UpdateStats
-from learner.objectives.batch import batch_advantages, sample_order, sort_batch, update_plan
+from learner.objectives.batch import batch_advantages, groups_of_rank, sample_order, sort_batch, update_plan
 from learner.objectives.grpo import micro_batch, score_recorded_step, step_loss
 from learner.objectives.grpo_math import policy_loss
 from learner.ranks.ema import Ema, ema_decay
@@ -233,3 +233,14 @@ def test_ema_decay_schedule_matches_hand_computed_values():
     assert restored.num_updates == 2 and torch.equal(restored.weights["w"], ema.weights["w"])
     with pytest.raises(ValueError, match="other tensors"):
         ema.update({"v": torch.zeros(2)})
+
+
+def test_each_rank_fetches_the_groups_of_its_own_samples_only():
+    samples = [(g, i) for g in range(4) for i in range(4)]  # 4 groups of 4, in batch order
+    two = update_plan(16, num_updates=1, num_ranks=2, micro_batches=2)  # samples 0-7 and 8-15
+    assert [groups_of_rank(two, samples, r) for r in range(2)] == [[0, 1], [2, 3]]
+    # round-robin over 2 updates: update 0 holds samples 0, 2, .., 14; each rank takes a half of each update
+    assert [groups_of_rank(update_plan(16, num_updates=2, num_ranks=2, micro_batches=1), samples, r)
+            for r in range(2)] == [[0, 1], [2, 3]]
+    three = update_plan(16, num_updates=1, num_ranks=3, micro_batches=1)  # runs of 6, 5, 5 samples
+    assert [groups_of_rank(three, samples, r) for r in range(3)] == [[0, 1], [1, 2], [2, 3]]

@@ -1,5 +1,6 @@
 """The tiny job on a real three-node Ray cluster on this machine (bench/local_cluster.py): pools placed on chosen nodes
-through custom resources, a placement that no node can hold, the loss of the rollout node and of the learner node.
+through custom resources, a placement that no node can hold, the loss of the rollout node (with groups being
+sampled, and with scored groups whose records the learner had not fetched yet) and of the learner node.
 
 Nodes: the head (1 CPU, `head`: the driver's node, the reward actor's), a rollout node (2 CPUs, `rollout_node`) and
 a learner node (1 CPU, `learner_node`); the tests add nodes back after killing one. Only the raylets this module
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -146,6 +148,51 @@ def test_losing_the_rollout_node_requeues_its_groups_and_the_job_completes(clust
     assert sum(h["events"]["node_lost"] for h in rows) == 1 and said.count("left the cluster") == 1
     print(f"MEASURED rollout node loss: {added_at - killed_at:.1f} s until the loss was seen and a node added, then "
           f"{trained_again_at - added_at:.1f} s until the next iteration ({done_at_kill + 1}) was trained")
+
+
+# The job, with the driver holding iteration 3's scored groups (their records still on the rollout node) until the
+# file $FLOWRL_HOLD_UNTIL exists, before the learner is asked to train them.
+HELD_BEFORE_TRAINING = r"""
+import os, sys, time
+import learner.main  # first: it keeps Ray on loopback
+from learner.driver.job import Job
+
+train = Job.train
+
+def held(self, scored, version, times):
+    if self.iteration == 2 and not os.path.exists(os.environ["FLOWRL_HOLD_UNTIL"]):
+        print("HOLDING " + " ".join(str(s.group_id) for s, _ in scored), flush=True)
+        while not os.path.exists(os.environ["FLOWRL_HOLD_UNTIL"]):
+            time.sleep(0.2)
+    return train(self, scored, version, times)
+
+Job.train = held
+sys.exit(learner.main.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_records_lost_with_the_rollout_node_before_the_learner_fetched_them_are_sampled_again(cluster, tmp_path):
+    out, log, flag = tmp_path / "run", tmp_path / "job.log", tmp_path / "go"
+    env = {**cluster_env(cluster), "FLOWRL_HOLD_UNTIL": str(flag)}
+    with start_job("tiny", *PINNED, *SMALL, "iterations=4", out=out, log=log, env=env,
+                   script=HELD_BEFORE_TRAINING) as proc:
+        end = time.monotonic() + 300
+        while "HOLDING" not in log.read_text():
+            assert time.monotonic() < end and proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        held = [int(g) for g in re.search(r"HOLDING ([\d ]+)", log.read_text()).group(1).split()]
+        cluster.kill("rollout")  # the held groups' records and images lived in its object store
+        cluster.add("rollout", 2, {"rollout_node": 1})
+        flag.touch()
+        assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
+    rows, said = history(out), log.read_text()
+    assert [h["iteration"] for h in rows] == [1, 2, 3, 4]
+    trained = [g for h in rows for g in h["group_ids"]]
+    assert len(trained) == len(set(trained)) == 4 * 4  # every group trained once and whole
+    assert sorted(rows[2]["group_ids"]) == sorted(held)  # the held groups, sampled again, are iteration 3's
+    assert all(h["samples"] == 16 for h in rows)
+    assert rows[2]["events"]["records_lost"] == len(held) == said.count("is sampled again: its record was lost")
 
 
 @pytest.mark.slow

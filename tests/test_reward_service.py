@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -12,7 +13,8 @@ import pytest
 from cluster.config import RewardsConfig
 import rewards
 from rewards.registry import REGISTRY
-from rewards.service import RewardError, RewardService
+from rewards.service import ImagesLost, RewardError, RewardService
+from tests.reward_helpers import ImageHolder
 
 HELPERS = {"slow_mean": "tests.reward_helpers:SlowMean", "nan_where_asked": "tests.reward_helpers:NanWhereAsked"}
 
@@ -83,6 +85,29 @@ def test_an_actor_killed_mid_batch_is_retried_on_another_actor(make_service):
     np.testing.assert_allclose(again.scores["slow_mean"], result.scores["slow_mean"])
     new_pids = service.actor_pids()["slow_mean"]
     assert new_pids[0] != pids[0] and new_pids[1] == pids[1]
+
+
+@pytest.mark.slow
+def test_images_by_reference_are_scored_and_lost_ones_fail_the_group_as_lost(make_service, ray_local):
+    service = make_service(("jpeg_compressibility", 1.0, {}), num_actors=1)
+    images, prompts, metadata = group(4, seed=7)
+    holder = ray_local.remote(num_cpus=0)(ImageHolder).remote()
+    [ref] = ray_local.get(holder.put.remote(images))
+    result = service.collect(service.submit(ref, prompts, metadata, group_id=1), timeout=60)
+    np.testing.assert_allclose(result.scores["jpeg_compressibility"], in_process("jpeg_compressibility", images,
+                                                                                  prompts), rtol=1e-6)
+    ray_local.kill(holder)  # the owner gone: the images are lost, the scorer actor is not
+    end = time.monotonic() + 60
+    for group_id in itertools.count(2):
+        try:
+            service.collect(service.submit(ref, prompts, metadata, group_id=group_id), timeout=60)
+        except ImagesLost as e:  # the scorer could not fetch them
+            assert str(e).startswith(f"group {group_id}: its images are lost (OwnerDiedError"), str(e)
+            break
+        assert time.monotonic() < end, "the images of a dead owner were still scored after 60 s"
+        time.sleep(0.5)  # scored while the news of the owner's death was on its way
+    assert service.counters.actor_failures == 0 and service.counters.retries == 0
+    assert service.counters.groups_failed == 0  # sampled again by the driver, not failed
 
 
 @pytest.mark.slow

@@ -47,11 +47,14 @@ def pool(ray_local, store, tiny_model_dirs):
 
 
 def _collect(pool: RolloutPool, groups) -> dict:
+    """group id -> its whole record (fetched here; the driver never does)."""
     pool.submit(groups)
     results = {}
-    for traj in pool.results():
-        assert traj.group_id not in results, f"group {traj.group_id} delivered twice"
-        results[traj.group_id] = traj
+    for sampled in pool.results():
+        assert sampled.group_id not in results, f"group {sampled.group_id} delivered twice"
+        record = sampled.fetch()
+        assert sampled.summary == record.summary()  # the summary the driver reads describes the record
+        results[sampled.group_id] = record
     assert sorted(results) == sorted(g.group_id for g in groups)
     return results
 
@@ -70,11 +73,11 @@ def test_placement_does_not_change_results(pool):
 
 
 @pytest.mark.slow
-def test_evaluation_images_come_back_in_order(pool):
+def test_evaluation_images_come_back_in_order(pool, ray_local):
     prompts, seeds = ["a red circle", "two blue stars", "a green square"], [5, 6, 7]
-    images = pool.sample_eval(prompts, seeds)
+    images = torch.cat(ray_local.get(pool.sample_eval(prompts, seeds)))
     assert images.dtype == torch.uint8 and images.shape == (3, 64, 64, 3)
-    alone = pool.sample_eval(prompts[1:2], seeds[1:2])[0]  # in a batch of 1 instead of 2: equal up to rounding
+    alone = ray_local.get(pool.sample_eval(prompts[1:2], seeds[1:2])[0])[0]  # in a batch of 1 instead of 2: equal up to rounding
     assert (alone.int() - images[1].int()).abs().max() <= 1 and (alone.int() - images[0].int()).abs().max() > 1
     assert pool.negative_embeds() is None  # FLUX has no true CFG
 
@@ -122,8 +125,8 @@ def test_resize_while_groups_are_in_flight_delivers_each_group_once(pool, store,
     pool.resize(1)  # the busy ones finish their group first
     assert pool.num_workers == 1
     delivered += list(pool.results())
-    assert sorted(traj.group_id for traj in delivered) == [g.group_id for g in groups]
-    assert {traj.policy_version for traj in delivered} == {version}
+    assert sorted(sampled.group_id for sampled in delivered) == [g.group_id for g in groups]
+    assert {sampled.summary.policy_version for sampled in delivered} == {version}
     assert pool.pending == 0 and pool.num_workers == 1
 
 
@@ -134,6 +137,6 @@ def test_a_group_held_by_a_dying_worker_is_delivered_once(pool, ray_local):
     pool.submit(groups)
     victim = pool.workers[0]  # the one worker, holding the first group
     ray_local.kill(victim, no_restart=False)  # Ray restarts it (max_restarts = 1); its group is queued again
-    delivered = [traj.group_id for traj in pool.results()]
+    delivered = [sampled.group_id for sampled in pool.results()]
     assert sorted(delivered) == [g.group_id for g in groups]
     assert pool.num_workers == 1

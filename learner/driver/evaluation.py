@@ -21,21 +21,28 @@ PAGE_SIZE = 64  # images per grid page: 8 x 8
 
 def evaluate(cfg: JobConfig, pool: RolloutPool, rewards: RewardService, weights: Any, iteration: int) -> dict[str, Any]:
     """ODE samples of the fixed evaluation prompts and seeds with `weights` ([ref], meta) (the EMA; the policy when
-    None): PNG grid pages under output_dir/eval (`grids`; `grid` the first) and the mean of each scorer (GenEval
-    per-tag accuracy when it is on)."""
+    None), each batch scored by reference: PNG grid pages under output_dir/eval (`grids`; `grid` the first) and the
+    mean of each scorer (GenEval per-tag accuracy when it is on). Only the grids' pixels come to the driver."""
+    import ray
+
     items = eval_prompts(cfg.eval)
     seeds = [cfg.eval.seed + i for i in range(len(items))]
-    images = pool.sample_eval([i.prompt for i in items], seeds, weights)
-    scored = rewards.score(images.numpy(), [i.prompt for i in items], [i.metadata for i in items],
-                           group_id=-iteration)
-    result: dict[str, Any] = {name: float(s.mean()) for name, s in scored.scores.items()}
-    if "geneval/accuracy" in scored.metrics:
+    batches = pool.sample_eval([i.prompt for i in items], seeds, weights)
+    size = cfg.eval.batch_size
+    # ids -1, -2, ...: never a training group's, and each evaluation is collected before the next one starts
+    handles = [rewards.submit(ref, [i.prompt for i in items[at:at + size]], [i.metadata for i in items[at:at + size]],
+                              group_id=-1 - b)
+               for b, (ref, at) in enumerate(zip(batches, range(0, len(items), size)))]
+    scored = [rewards.collect(handle) for handle in handles]
+    scores = {name: np.concatenate([s.scores[name] for s in scored]) for name in scored[0].scores}
+    result: dict[str, Any] = {name: float(s.mean()) for name, s in scores.items()}
+    if "geneval/accuracy" in scored[0].metrics:
         tags = [i.metadata.get("tag", "?") for i in items]
-        acc = scored.metrics["geneval/accuracy"]
+        acc = np.concatenate([s.metrics["geneval/accuracy"] for s in scored])
         result["geneval_accuracy_by_tag"] = {t: float(np.mean([a for a, tt in zip(acc, tags) if tt == t]))
                                              for t in sorted(set(tags))}
     folder = Path(cfg.output_dir) / "eval"
-    result["grids"] = save_pages(images, folder, f"iter-{iteration:06d}")
+    result["grids"] = save_pages(torch.cat(ray.get(batches)), folder, f"iter-{iteration:06d}")
     result["grid"] = result["grids"][0]
     with open(folder / "results.jsonl", "a") as f:
         f.write(json.dumps({"iteration": iteration, **result}) + "\n")

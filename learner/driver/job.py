@@ -43,12 +43,12 @@ from learner.ranks.checkpoint import (
     resolve_resume,
 )
 from learner.ranks.process_group import RankGroup
-from rewards.service import GroupRewards, RewardError, RewardHandle, RewardService
+from rewards.service import GroupRewards, ImagesLost, RewardError, RewardHandle, RewardService
 from rollout.models.loading import locate_configured
 from rollout.pool import RolloutPool
 from rollout.prompts.groups import GroupSampler, PromptGroup
 from rollout.prompts.sources import training_prompts
-from rollout.sampling.trajectory import Trajectories
+from rollout.sampled import SampledGroup
 from rollout.weights import weight_store, weight_store_name
 
 NODE_WATCH_S = 5.0  # while waiting for rollouts, look for lost nodes this often
@@ -118,7 +118,7 @@ class Job:
         self.requeued_before = 0  # the rollout pool's re-queued groups before this iteration
         self.stale = 0  # groups sampled again for staleness, this iteration
         self.resumed_groups: list[PromptGroup] = []  # submitted, not trained when the checkpoint resumed from was taken
-        self.arrived: deque[tuple[Trajectories, RewardHandle]] = deque()  # sampled, being scored, not trained yet
+        self.arrived: deque[tuple[SampledGroup, RewardHandle]] = deque()  # sampled, being scored, not trained yet
 
     # -----------------------------------------------------------------------------------------------------------------
 
@@ -172,15 +172,10 @@ class Job:
         while self.iteration < cfg.iterations:
             it_started = time.perf_counter()
             version_before = self.policy_version()
-            batch, rewards, times = self.collect(version_before)
-
-            refs = [ray.put(t) for t in batch]
-            started = time.perf_counter()
-            training = self.learner.run("train_iteration", refs, [r.total for r in rewards])
-            self.score_arrivals(until=training[:1])  # async: rollouts and rewards go on while the learner trains
-            stats = self.learner_get(training)[0]
-            self.serve_commands()
-            times["train"] = time.perf_counter() - started
+            scored, times = self.collect(version_before)
+            stats = self.train(scored, version_before, times)
+            batch, rewards = [s.summary for s, _ in scored], [r for _, r in scored]
+            del scored  # the driver's references to the records: freed once the learner has trained them
             times["weight_sync"] = stats["publish_s"]
             self.iteration += 1
             self.keep_in_flight()  # as soon as the new weights are out
@@ -259,15 +254,71 @@ class Job:
         if missing > 0:
             self.pool.submit(self.sampler.take(missing))
 
-    def collect(self, version: int) -> tuple[list[Trajectories], list[GroupRewards], dict[str, float]]:
-        """One iteration's groups in the order they were sampled, each scored since it arrived; groups whose reward
-        failed are dropped, groups sampled more than learner.max_staleness versions before `version` are sampled
-        again."""
-        started = time.perf_counter()
-        chosen: dict[int, tuple[Trajectories, RewardHandle]] = {}
-        with tqdm(total=self.groups_per_iteration, desc=f"rollout {self.iteration + 1}", unit="group",
-                  leave=False, disable=None) as bar:
-            while len(chosen) < self.groups_per_iteration:
+    def train(self, scored: list[tuple[SampledGroup, GroupRewards]], version: int,
+              times: dict[str, float]) -> dict[str, Any]:
+        """Train the iteration's scored groups (the learner ranks fetch their records by reference); a group whose
+        record was lost before a rank fetched it is sampled again (in place, in `scored`) and the iteration trained
+        once it is back. Seconds: training in times["train"], sampling and scoring again added to "rollout" and
+        "reward"."""
+        times["train"] = 0.0
+        while True:
+            started = time.perf_counter()
+            training = self.learner.run("train_iteration", [s for s, _ in scored], [r.total for _, r in scored])
+            self.score_arrivals(until=training[:1])  # async: rollouts and rewards go on while the learner trains
+            stats = self.learner_get(training)[0]
+            self.serve_commands()
+            times["train"] += time.perf_counter() - started
+            if "lost_groups" not in stats:
+                return stats
+            lost = set(stats["lost_groups"])
+            for sampled, _ in scored:
+                if sampled.group_id in lost:
+                    self.resample(sampled, "its record was lost before the learner fetched it")
+            more, more_times = self.collect(version, wanted=len(lost))
+            scored[:] = sorted([item for item in scored if item[0].group_id not in lost] + more,
+                               key=lambda item: item[0].group_id)
+            for key, seconds in more_times.items():
+                times[key] += seconds
+
+    def resample(self, sampled: SampledGroup, why: str) -> None:
+        """Sample a group again whose record or images are gone (the node that held them left)."""
+        s = sampled.summary
+        self.events.report("records_lost", f"group {s.group_id} ({s.prompt!r}) is sampled again: {why}")
+        self.pool.submit([s.prompt_group()])
+
+    def collect(self, version: int, wanted: int | None = None
+                ) -> tuple[list[tuple[SampledGroup, GroupRewards]], dict[str, float]]:
+        """`wanted` groups (default: one iteration's) in group order, each with its rewards; a group whose reward
+        failed is dropped, one whose images were lost is sampled again."""
+        wanted = self.groups_per_iteration if wanted is None else wanted
+        scored, times = [], {"rollout": 0.0, "reward": 0.0}
+        while wanted:
+            started = time.perf_counter()
+            arrivals = self.arrivals(version, wanted)
+            rollout_done = time.perf_counter()
+            times["rollout"] += rollout_done - started
+            wanted = 0
+            for group_id in sorted(arrivals):
+                sampled, handle = arrivals[group_id]
+                try:
+                    scored.append((sampled, self.rewards.collect(handle)))
+                except ImagesLost as e:
+                    self.resample(sampled, str(e))
+                    wanted += 1
+                except RewardError as e:
+                    self.say(f"group {group_id} ({sampled.summary.prompt!r}) dropped: {e}")
+            times["reward"] += time.perf_counter() - rollout_done
+        if not scored:
+            raise RuntimeError(f"every group of iteration {self.iteration + 1} failed its reward")
+        return sorted(scored, key=lambda item: item[0].group_id), times
+
+    def arrivals(self, version: int, wanted: int) -> dict[int, tuple[SampledGroup, RewardHandle]]:
+        """The next `wanted` groups that arrive, each being scored since it arrived; groups sampled more than
+        learner.max_staleness versions before `version` are sampled again."""
+        chosen: dict[int, tuple[SampledGroup, RewardHandle]] = {}
+        with tqdm(total=wanted, desc=f"rollout {self.iteration + 1}", unit="group", leave=False,
+                  disable=None) as bar:
+            while len(chosen) < wanted:
                 if not self.arrived:
                     if not self.score_arrivals(timeout=NODE_WATCH_S):
                         if not self.pool.pending:
@@ -275,28 +326,15 @@ class Job:
                         self.events.watch_nodes()  # a slow group, or a lost node: say which
                     self.serve_commands()
                     continue
-                traj, handle = self.arrived.popleft()
-                if version - traj.policy_version > self.cfg.learner.max_staleness:
+                sampled, handle = self.arrived.popleft()
+                if version - sampled.summary.policy_version > self.cfg.learner.max_staleness:
                     self.stale += 1
                     self.rewards.drop(handle)
-                    self.pool.submit([PromptGroup(traj.group_id, traj.prompt, traj.metadata, traj.seeds)])
+                    self.pool.submit([sampled.summary.prompt_group()])
                     continue
-                chosen[traj.group_id] = (traj, handle)
+                chosen[sampled.group_id] = (sampled, handle)
                 bar.update(1)
-        rollout_done = time.perf_counter()
-        batch, rewards = [], []
-        for group_id in sorted(chosen):
-            traj, handle = chosen[group_id]
-            try:
-                scored = self.rewards.collect(handle)
-            except RewardError as e:
-                self.say(f"group {group_id} ({traj.prompt!r}) dropped: {e}")
-                continue
-            batch.append(traj)
-            rewards.append(scored)
-        if not batch:
-            raise RuntimeError(f"every group of iteration {self.iteration + 1} failed its reward")
-        return batch, rewards, {"rollout": rollout_done - started, "reward": time.perf_counter() - rollout_done}
+        return chosen
 
     def score_arrivals(self, timeout: float | None = None, until: Sequence[ray.ObjectRef] = ()) -> int:
         """Hand each group the rollouts finish to the reward service as it arrives, until `timeout` s pass or one of
@@ -305,17 +343,17 @@ class Job:
         arrived = 0
         while not (until and ray.wait(list(until), timeout=0)[0]):
             left = None if end is None else max(0.0, end - time.monotonic())
-            traj = self.pool.next_result(timeout=left, until=until)
-            if traj is None:
+            sampled = self.pool.next_result(timeout=left, until=until)
+            if sampled is None:
                 if until and not self.pool.pending:
                     ray.wait(list(until))  # nothing left to sample: wait for the update
                 if not until or left == 0.0:
                     break
                 continue
-            n = traj.group_size
-            handle = self.rewards.submit(traj.images.numpy(), [traj.prompt] * n, [traj.metadata] * n,
-                                         group_id=traj.group_id)
-            self.arrived.append((traj, handle))
+            s = sampled.summary
+            handle = self.rewards.submit(sampled.images, [s.prompt] * s.group_size, [s.metadata] * s.group_size,
+                                         group_id=s.group_id)  # the actors fetch the images by reference
+            self.arrived.append((sampled, handle))
             arrived += 1
             if not until:
                 break
@@ -367,7 +405,7 @@ class Job:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        arrived = [PromptGroup(t.group_id, t.prompt, t.metadata, t.seeds) for t, _ in self.arrived]
+        arrived = [sampled.summary.prompt_group() for sampled, _ in self.arrived]
         pending = [dataclasses.asdict(group) for group in arrived + self.pool.pending_groups()]
         trainer = {"policy_version": self.policy_version(), "prompt_cursor": self.sampler.state_dict(),
                    "pending_groups": pending, "advantages": self.last_advantages}

@@ -9,10 +9,10 @@ import numpy as np
 
 from cluster.metrics import REWARD_EVENTS, STAGES, Recorder
 from rewards.service import GroupRewards, ServiceCounters
-from rollout.sampling.trajectory import Trajectories
+from rollout.sampling.trajectory import RecordSummary
 
 
-def summarise(iteration: int, batch: list[Trajectories], rewards: list[GroupRewards], stats: dict[str, Any],
+def summarise(iteration: int, batch: list[RecordSummary], rewards: list[GroupRewards], stats: dict[str, Any],
               version_before: int, groups_per_iteration: int, requeued: int, stale: int) -> dict[str, Any]:
     """The numbers of one iteration: rewards per scorer, learner statistics (mean over updates), staleness, and the
     groups it queued again (`requeued`, a worker lost) or sampled again (`stale`)."""

@@ -1,7 +1,8 @@
 """An iteration's batch as every objective takes it (no Ray, no DeepSpeed): sorted groups, advantages, and the split
 into updates, ranks and micro-batches.
 
-An iteration's batch is its scored groups sorted by `group_id`; a sample is `(position of its group, index in the
+An iteration's batch is its scored groups sorted by `group_id`, planned from their `RecordSummary`s (or the records,
+which answer the same questions); a sample is `(position of its group, index in the
 group)` and the batch order is by (group_id, index). `update_plan` splits that order into the iteration's optimizer
 updates **round-robin** (sample number i of the order goes to update i mod U, so each update sees part of every group),
 then each update's samples, still in order, into consecutive micro-batches: rank r takes micro-batches r·M … r·M+M−1.
@@ -20,7 +21,7 @@ import torch
 
 from learner.objectives.grpo_math import advantages as grpo_advantages
 from rollout.models.contract import PromptEmbeds
-from rollout.sampling.trajectory import FinalSamples, Trajectories
+from rollout.sampling.trajectory import FinalSamples, RecordSummary, Trajectories
 
 SampleRef = tuple[int, int]  # (position of the group in the sorted batch, sample index within the group)
 
@@ -32,9 +33,12 @@ def _float64(rewards: Sequence[float] | torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.array(rewards, dtype=np.float64)).reshape(-1)
 
 
+Group = Trajectories | FinalSamples | RecordSummary  # what a plan reads: group_id, group_size, settings, sigmas
+
+
 def sort_batch(
-    groups: Sequence[Trajectories], rewards: Sequence[Sequence[float] | torch.Tensor], trained_steps: int
-) -> tuple[list[Trajectories], list[torch.Tensor]]:
+    groups: Sequence[Group], rewards: Sequence[Sequence[float] | torch.Tensor], trained_steps: int
+) -> tuple[list[Group], list[torch.Tensor]]:
     """Groups and their (G,) rewards sorted by group_id, checked to be one consistent batch of `trained_steps` steps."""
     if len(groups) != len(rewards):
         raise ValueError(f"{len(groups)} groups but {len(rewards)} reward arrays: one (G,) array per group")
@@ -55,22 +59,22 @@ def sort_batch(
         if type(g) is not type(first):
             raise ValueError(f"group {g.group_id} is a {type(g).__name__}, group {first.group_id} a "
                              f"{type(first).__name__}: one iteration holds one kind of rollout")
-        if isinstance(g, Trajectories) and g.num_recorded_steps != trained_steps:
+        if g.settings.record_steps and g.num_recorded_steps != trained_steps:
             raise ValueError(f"group {g.group_id} records {g.num_recorded_steps} steps but the learner trains "
                              f"{trained_steps} per trajectory (cfg.trained_steps); rollout and learner configs differ")
-        if g.settings != first.settings or not torch.equal(g.sigmas, first.sigmas):
+        if g.settings != first.settings or not torch.equal(torch.as_tensor(g.sigmas), torch.as_tensor(first.sigmas)):
             raise ValueError(f"group {g.group_id} was sampled with other settings or sigmas than group "
                              f"{first.group_id}: one iteration must share one sampler configuration")
     return groups, rewards
 
 
-def sample_order(groups: Sequence[Trajectories]) -> list[SampleRef]:
+def sample_order(groups: Sequence[Group]) -> list[SampleRef]:
     """Every sample of the (sorted) batch as (group position, index), in (group_id, index) order."""
     return [(g, i) for g, group in enumerate(groups) for i in range(group.group_size)]
 
 
 def batch_advantages(
-    groups: Sequence[Trajectories], rewards: Sequence[torch.Tensor], *, std: str, clip: float
+    groups: Sequence[Group], rewards: Sequence[torch.Tensor], *, std: str, clip: float
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Advantages (float32, in `sample_order`) and their statistics: mean, std, fraction of zero-std groups."""
     flat = torch.cat(list(rewards))
@@ -122,6 +126,12 @@ def update_plan(
         )
     return [[_even_split(share, micro_batches) for share in _even_split(order[u::num_updates], num_ranks)]
             for u in range(num_updates)]
+
+
+def groups_of_rank(plan: list[list[list[list[int]]]], samples: Sequence[SampleRef], rank: int) -> list[int]:
+    """The positions of the groups that rank `rank` trains samples of in any update of `plan`: the records it
+    fetches (a consecutive run of the batch order, so about 1/ranks of the groups)."""
+    return sorted({samples[i][0] for update in plan for positions in update[rank] for i in positions})
 
 
 def samples_embeds(groups: Sequence[Trajectories | FinalSamples], samples: Sequence[SampleRef]) -> PromptEmbeds:

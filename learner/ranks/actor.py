@@ -34,7 +34,7 @@ from cluster.config import JobConfig
 from cluster.metrics import Recorder
 from cluster.quiet import name_deepspeed_accelerator
 from learner.objectives.base import UpdateStats
-from learner.objectives.batch import batch_advantages, sample_order, sort_batch, update_plan
+from learner.objectives.batch import batch_advantages, groups_of_rank, sample_order, sort_batch, update_plan
 from learner.objectives.grpo_math import nonzero_advantage_indices
 from learner.objectives.registry import objective_for
 from learner.ranks.checkpoint import export_lora, fill_live, load_tree, rank_stem, save_tree
@@ -42,12 +42,12 @@ from learner.ranks.ema import Ema
 from learner.ranks.engine import PRECISION_DTYPES, EngineForward, deepspeed_config, micro_batches_per_update
 from learner.ranks.lr_schedule import configured_lr
 from learner.ranks.process_group import DistributedActor
+from learner.ranks.records import Delivered, fetch_records, summary_of
 from learner.ranks.trailing_adapter import TrailingAdapter
 from rollout.models.compile import compile_blocks
 from rollout.models.contract import FlowModel, PromptEmbeds
 from rollout.models.loading import load_configured
 from rollout.policy import adapter_disabled, add_lora, apply_policy_state, policy_state
-from rollout.sampling.trajectory import FinalSamples, Trajectories
 from rollout.weights import PackedState, publish_weights, put_buckets, split_buckets
 
 
@@ -170,22 +170,25 @@ class LearnerActor(DistributedActor):
     # Training
 
     def train_iteration(
-        self, groups: Sequence[Trajectories | FinalSamples], rewards: Sequence[Sequence[float] | torch.Tensor]
+        self, groups: Sequence[Delivered],
+        rewards: Sequence[Sequence[float] | torch.Tensor],
     ) -> dict[str, Any]:
         """One iteration: advantages over all its groups, `updates_per_iteration` optimizer updates, then publish.
 
-        `groups` may hold Trajectories or object refs to them (fetched here, so a driver can pass the rollouts' refs
-        on); `rewards[i]` is the (G,) weighted reward of `groups[i]`; order does not matter (the batch is sorted by
-        group_id). Returns the advantage statistics and one metrics dict per update, identical on every rank.
+        `groups` are the rollouts' `SampledGroup`s (a summary and a reference to the record) or the records
+        themselves; `rewards[i]` is the (G,) weighted reward of `groups[i]`; order does not matter (the batch is
+        sorted by group_id). The plan is made from the summaries alone; then the rank fetches the records of the
+        samples it trains, and only those. If a record is lost (the node that held it left), no rank trains: every
+        rank returns {"lost_groups": [ids]} so that the driver samples them again. Otherwise returns the advantage
+        statistics and one metrics dict per update, identical on every rank.
         """
-        import ray
-
         started = time.perf_counter()
-        groups = [ray.get(g) if isinstance(g, ray.ObjectRef) else g for g in groups]
         cfg, lc = self.cfg, self.cfg.learner
-        groups, rewards = sort_batch(groups, rewards, cfg.trained_steps)
-        adv, adv_stats = batch_advantages(groups, rewards, std=lc.advantage_std, clip=lc.advantage_clip)
-        samples = sample_order(groups)
+        order = sorted(range(len(groups)), key=lambda i: summary_of(groups[i]).group_id)
+        groups, rewards = [groups[i] for i in order], [rewards[i] for i in order]
+        summaries, rewards = sort_batch([summary_of(g) for g in groups], rewards, cfg.trained_steps)
+        adv, adv_stats = batch_advantages(summaries, rewards, std=lc.advantage_std, clip=lc.advantage_clip)
+        samples = sample_order(summaries)
         num_micro = micro_batches_per_update(cfg)
         keep = None
         if lc.drop_zero_advantage:
@@ -194,6 +197,10 @@ class LearnerActor(DistributedActor):
                 keep = nonzero  # else too few samples carry signal to fill the fixed micro-batches: keep them all
         plan = update_plan(len(samples), num_updates=lc.updates_per_iteration, num_ranks=self.world_size,
                            micro_batches=num_micro, keep=keep)
+        records, lost = fetch_records(groups, groups_of_rank(plan, samples, self.rank))
+        lost = self._lost_anywhere(lost, len(groups))
+        if lost:
+            return {"lost_groups": [summaries[p].group_id for p in lost], "policy_version": self.policy_version}
 
         updates = []
         for update in plan:
@@ -203,7 +210,7 @@ class LearnerActor(DistributedActor):
             for group in self.engine.optimizer.param_groups:
                 group["lr"] = lr
             for positions in update[self.rank]:
-                batch = self.objective.micro_batch(groups, [samples[i] for i in positions], adv[positions],
+                batch = self.objective.micro_batch(records, [samples[i] for i in positions], adv[positions],
                                                    self.device)
                 self.objective.train(self, batch, stats)
             trained = adv[[i for share in update for positions in share for i in positions]]
@@ -249,6 +256,15 @@ class LearnerActor(DistributedActor):
             "step_applied": float(applied),
             "policy_version": float(self.policy_version),
         }
+
+    def _lost_anywhere(self, lost: list[int], num_groups: int) -> list[int]:
+        """The batch positions whose record some rank could not fetch (a collective with several ranks)."""
+        if self.world_size == 1:
+            return lost
+        flags = torch.zeros(num_groups)
+        flags[lost] = 1.0
+        self._all_reduce(flags, "max")
+        return flags.nonzero().flatten().tolist()
 
     def _all_reduce(self, tensor: torch.Tensor, op: str) -> None:
         import torch.distributed as dist

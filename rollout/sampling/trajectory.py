@@ -2,17 +2,20 @@
 
 Plain tensors and Python values only (no model objects), so a record pickles cheaply through the Ray object store.
 It carries everything the learner needs to recompute each recorded log-prob with the sampling forward: the states, the
-prompt embeddings, the schedule, the step rule and the batch layout.
+prompt embeddings, the schedule, the step rule and the batch layout. Its `RecordSummary` carries what the driver and
+the learner's plan read, without a tensor: a rollout worker returns the summary, the record and the images as three
+objects (rollout/sampled.py), and only the summary comes to the driver.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
 from cluster.config import JobConfig
 from rollout.models.contract import PromptEmbeds
+from rollout.prompts.groups import PromptGroup
 from rollout.sampling.steps import DEFAULT_LOG_PROB_FORM
 
 
@@ -81,6 +84,27 @@ def _check_tensors(record: str, expected: dict[str, tuple[torch.Tensor, torch.dt
 
 
 @dataclass(frozen=True)
+class RecordSummary:
+    """One sampled group without its tensors: what the driver needs (ids, prompt, policy version) and what the
+    learner's plan checks and splits (group size, recorded steps, settings, schedule), and the record's size."""
+
+    group_id: int
+    prompt: str
+    metadata: dict = field(hash=False)
+    seeds: tuple[int, ...]
+    policy_version: int
+    settings: SamplerSettings
+    group_size: int
+    num_recorded_steps: int  # K (0 for final samples)
+    sigmas: tuple[float, ...]
+    nbytes: int  # the record's tensors, images apart
+
+    def prompt_group(self) -> PromptGroup:
+        """The group as it was submitted, to sample it again."""
+        return PromptGroup(self.group_id, self.prompt, self.metadata, self.seeds)
+
+
+@dataclass(frozen=True)
 class GroupRecord:
     """What every rollout of one prompt group carries: its id, prompt, metadata, seeds, the policy version that
     sampled it and the prompt's embeddings (one row, CPU)."""
@@ -91,6 +115,19 @@ class GroupRecord:
     seeds: tuple[int, ...]
     policy_version: int
     prompt_embeds: PromptEmbeds
+
+    def summary(self) -> RecordSummary:
+        """The record without its tensors; `nbytes` counts every tensor but the images."""
+        tensors = [getattr(self, f.name) for f in fields(self) if f.name != "images"]
+        tensors += [t for t in vars(self.prompt_embeds).values() if isinstance(t, torch.Tensor)]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+        return RecordSummary(self.group_id, self.prompt, self.metadata, self.seeds, self.policy_version,
+                             self.settings, self.group_size, getattr(self, "num_recorded_steps", 0),
+                             tuple(self.sigmas.tolist()), nbytes)
+
+    def without_images(self) -> GroupRecord:
+        """The record as the learner receives it: the images travel apart, to the rewards."""
+        return replace(self, images=None)
 
 
 @dataclass(frozen=True)
@@ -110,7 +147,7 @@ class Trajectories(GroupRecord):
     log_probs: torch.Tensor
     step_indices: torch.Tensor
     sigmas: torch.Tensor
-    images: torch.Tensor
+    images: torch.Tensor | None
     settings: SamplerSettings
     means: torch.Tensor | None = None  # with settings.record_means: the mean each recorded next state was drawn around
 
@@ -122,8 +159,9 @@ class Trajectories(GroupRecord):
             "log_probs": (self.log_probs, torch.float32, (g, k)),
             "step_indices": (self.step_indices, torch.long, (k,)),
             "sigmas": (self.sigmas, torch.float32, (self.settings.num_steps + 1,)),
-            "images": (self.images, torch.uint8, (g, self.settings.height, self.settings.width, 3)),
         }
+        if self.images is not None:
+            expected["images"] = (self.images, torch.uint8, (g, self.settings.height, self.settings.width, 3))
         if self.settings.record_means or self.means is not None:
             if self.means is None:
                 raise ValueError("Trajectories.means is required when settings.record_means (GRPO-Guard)")
@@ -152,12 +190,13 @@ class FinalSamples(GroupRecord):
     """G final samples of one prompt, for the forward-process objectives (nft, awm): no per-step record, no log-prob.
 
     latents float32 (G, *latent): the clean samples x0 the rollout ended at; sigmas float32 (N + 1,): the schedule
-    whose noise levels the learner trains at; images uint8 (G, H, W, 3); `prompt_embeds` one row (CPU).
+    whose noise levels the learner trains at; images uint8 (G, H, W, 3) (None once sent apart); `prompt_embeds` one
+    row (CPU).
     """
 
     latents: torch.Tensor
     sigmas: torch.Tensor
-    images: torch.Tensor
+    images: torch.Tensor | None
     settings: SamplerSettings
 
     def __post_init__(self) -> None:
@@ -165,8 +204,9 @@ class FinalSamples(GroupRecord):
         expected = {
             "latents": (self.latents, torch.float32, (g, *self.latents.shape[1:])),
             "sigmas": (self.sigmas, torch.float32, (self.settings.num_steps + 1,)),
-            "images": (self.images, torch.uint8, (g, self.settings.height, self.settings.width, 3)),
         }
+        if self.images is not None:
+            expected["images"] = (self.images, torch.uint8, (g, self.settings.height, self.settings.width, 3))
         _check_tensors("FinalSamples", expected)
         if len(self.prompt_embeds) != 1:
             raise ValueError(f"FinalSamples.prompt_embeds must hold one row, got {len(self.prompt_embeds)}")
