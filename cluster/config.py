@@ -134,6 +134,9 @@ class RolloutConfig(RestartablePoolConfig):
     samples_per_forward: int = Field(8, ge=1, description="trajectories batched into one transformer forward")
     node_wait_s: float = Field(300.0, ge=0.0, description="after a node loss leaves no rollout actor, how long to "
                                "wait for a node to take them before the job stops")
+    call_timeout_s: float = Field(1800.0, gt=0.0, description="a group not returned this long after it was sent "
+                                  "to a rollout actor is sampled again elsewhere, and the actor gets no group until it "
+                                  "answers (a hung actor, or one on a node that is leaving)")
 
 
 class RewardSpec(Section):

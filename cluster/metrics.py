@@ -53,6 +53,7 @@ METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("reward_mean", "gauge", "mean reward of the last batch, per scorer and weighted total", ("scorer",)),
     MetricSpec("reward_std", "gauge", "standard deviation of the last batch's rewards", ("scorer",)),
     MetricSpec("eval_reward_mean", "gauge", "mean score of the last evaluation, per scorer", ("scorer",)),
+    MetricSpec("evaluations_failed_total", "counter", "evaluations that failed (the run and its checkpoint went on)"),
     MetricSpec("reward_events_total", "counter", "reward-service events: retries, actor failures, timeouts, "
                "non-finite scores, failed groups", ("event",)),
     MetricSpec("loss", "gauge", "training loss, mean over the last iteration's updates"),

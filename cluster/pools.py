@@ -116,11 +116,14 @@ class ActorPool:
         self._free += [(group, index) for index in range(count)]
 
     def spawn(self, *args: Any, **kwargs: Any) -> Any:
-        """One more actor, `actor_cls(*args, **kwargs)` in a free bundle (one more is reserved when none is free);
-        returns its handle at once."""
-        if not self._free:
+        """One more actor, `actor_cls(*args, **kwargs)` in a free bundle placed on a live node (one more is reserved
+        when there is none: PlacementError if it cannot be placed); returns its handle at once."""
+        live = self._live_free_bundles()
+        if not live:
             self.reserve(1)
-        group, index = self._free.pop(0)
+            live = self._live_free_bundles()
+        group, index = live[0]
+        self._free.remove((group, index))
         handle = self._actor_class.options(
             num_cpus=self.cfg.num_cpus_per_actor, num_gpus=self.cfg.num_gpus_per_actor, resources=self.cfg.resources,
             max_restarts=self._restarts, runtime_env=quiet_runtime_env(),
@@ -141,6 +144,14 @@ class ActorPool:
             max_retries=0, runtime_env=quiet_runtime_env(),
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=index),
         ).remote(fn, *args)
+
+    def _live_free_bundles(self) -> list[tuple[Any, int]]:
+        """The free bundles placed on a node that is alive now: a bundle whose node left waits for Ray to place it
+        again, and an actor put there would wait with it."""
+        alive = set(alive_nodes())
+        tables = {id(group): ray.util.placement_group_table(group) for group, _ in self._free}
+        return [(group, index) for group, index in self._free
+                if tables[id(group)].get("bundles_to_node_id", {}).get(index) in alive]
 
     @property
     def free_bundles(self) -> int:

@@ -5,8 +5,9 @@ the pool can grow or shrink while groups are in flight.
 Every submitted group is delivered exactly once: a group is either queued or held by one worker; a worker that dies
 or becomes unreachable while holding one hands it back to the front of the queue whole, and a worker being removed
 finishes its group first. A worker that becomes unreachable (its node left) gets no group until it answers again:
-Ray restarts it once its bundle is placed on a node with room. When every worker has been unreachable for
-`rollout.node_wait_s`, the pool gives up with a message saying so.
+Ray restarts it once its bundle is placed on a node with room. A call not back within `rollout.call_timeout_s` counts
+as unreachable too (its late result is ignored). When every worker has been unreachable for `rollout.node_wait_s`,
+the pool gives up with a message saying so.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class RolloutPool:
         self._queue: deque[PromptGroup] = deque()
         # summary ref -> the worker, the group, and the refs of its record and images
         self._in_flight: dict[ray.ObjectRef, tuple[_Slot, PromptGroup, ray.ObjectRef, ray.ObjectRef]] = {}
+        self._deadlines: dict[ray.ObjectRef, float] = {}  # summary ref -> when its call counts as lost (monotonic)
         self._probes: dict[ray.ObjectRef, _Slot] = {}
         self._done: deque[SampledGroup] = deque()  # sampled, not yet taken by next_result
         self._attempts: dict[int, int] = {}
@@ -126,8 +128,12 @@ class RolloutPool:
         """Wait (at most `timeout` s) until a call returns, a probe answers or one of `also` is ready, and handle a
         returned call: its group is kept for next_result, or queued again if its worker died or went away."""
         self._probe_lost()
+        self._time_out_calls()
         waiting = list(self._in_flight) + list(self._probes) + list(also)
         wait_s = PROBE_INTERVAL_S if any(s.lost_since is not None for s in self._slots) else None
+        if self._deadlines:
+            due = max(0.0, min(self._deadlines.values()) - time.monotonic())
+            wait_s = due if wait_s is None else min(wait_s, due)
         if timeout is not None:
             wait_s = timeout if wait_s is None else min(wait_s, timeout)
         if not self._in_flight and not self._probes:  # every worker unreachable and none due for a probe yet
@@ -140,6 +146,7 @@ class RolloutPool:
             self._probed(ready[0])
             return
         slot, group, record, images = self._in_flight.pop(ready[0])
+        self._deadlines.pop(ready[0], None)
         try:
             summary = ray.get(ready[0])
         except (ActorUnavailableError, ObjectLostError):  # its node left, with the result maybe
@@ -232,6 +239,7 @@ class RolloutPool:
         self._slots.clear()
         self._queue.clear()
         self._in_flight.clear()
+        self._deadlines.clear()
         self._probes.clear()
         self._done.clear()
 
@@ -257,6 +265,17 @@ class RolloutPool:
             group = self._queue.popleft()
             summary, record, images = slot.handle.sample_group.remote(group)
             self._in_flight[summary] = (slot, group, record, images)
+            self._deadlines[summary] = time.monotonic() + self._cfg.rollout.call_timeout_s
+
+    def _time_out_calls(self) -> None:
+        """Calls past `rollout.call_timeout_s`: their groups go back to the queue and their workers count as
+        unreachable until they answer a probe (a late result is not waited for, so never delivered)."""
+        now = time.monotonic()
+        for ref in [ref for ref, due in self._deadlines.items() if due <= now]:
+            del self._deadlines[ref]
+            slot, group, _, _ = self._in_flight.pop(ref)
+            self._unreachable(slot, group, f"gave no result within {self._cfg.rollout.call_timeout_s:g} s "
+                                            f"(rollout.call_timeout_s)")
 
     def _requeue(self, slot: _Slot, group: PromptGroup, event: str, why: str) -> None:
         """Put a group whose call was lost back at the front of the queue, and say so."""
@@ -265,11 +284,11 @@ class RolloutPool:
         self._report(event, f"rollout actor {slot.name} {why}; group {group.group_id} ({group.prompt!r}) is "
                             f"queued again ({self.requeued} re-queued so far)")
 
-    def _unreachable(self, slot: _Slot, group: PromptGroup) -> None:
-        """A worker's call was cut off (its node left, or its process is being restarted): the group goes back to the
-        queue, and the worker gets nothing more until it answers a probe."""
-        self._requeue(slot, group, "rollout_actor_lost", "became unreachable (its node left, or its process is being "
-                                                         "restarted)")
+    def _unreachable(self, slot: _Slot, group: PromptGroup,
+                     why: str = "became unreachable (its node left, or its process is being restarted)") -> None:
+        """A worker's call was cut off or timed out: the group goes back to the queue, and the worker gets nothing
+        more until it answers a probe."""
+        self._requeue(slot, group, "rollout_actor_lost", why)
         if slot.lost_since is None:
             slot.lost_since = time.monotonic()
         slot.probe_at = 0.0

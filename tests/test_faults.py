@@ -132,3 +132,68 @@ def test_updates_skipped_in_a_row_stop_the_job_with_a_clear_message(tmp_path):
     assert len(errors) == 1 and "2 updates in a row were skipped" in errors[0]
     assert "learner.max_skipped_updates = 2" in errors[0] and "policy version 1" in errors[0]
     assert "Traceback" not in r.stderr
+
+
+# The job, with a rollout actor killed (Ray restarts it) as the evaluation of iteration 3 starts.
+KILLED_DURING_EVALUATION = r"""
+import sys
+import ray
+import learner.main  # first: it keeps Ray on loopback
+import learner.driver.job as job
+
+evaluate = job.evaluate
+
+def kill_then_evaluate(cfg, pool, rewards, weights, iteration):
+    if iteration == 3:
+        ray.kill(pool.workers[0], no_restart=False)
+    return evaluate(cfg, pool, rewards, weights, iteration)
+
+job.evaluate = kill_then_evaluate
+sys.exit(learner.main.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_an_evaluation_that_fails_is_reported_and_the_checkpoint_still_written(tmp_path):
+    out = tmp_path / "run"
+    r = run_job("tiny", *SMALL, "iterations=4", "eval.every_n_iterations=3", "eval.at_start=false",
+                "checkpoint.every_n_iterations=3", out=out, script=KILLED_DURING_EVALUATION)
+    rows = r.history
+    assert [h["iteration"] for h in rows] == [1, 2, 3, 4]
+    assert rows[2]["eval"]["error"] and rows[2]["events"]["evaluation_failed"] == 1
+    assert r.stdout.count("the evaluation of iteration 3 failed") == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter-000003", "iter-000004"]
+    evaluations = [json.loads(ln) for ln in (out / "eval" / "results.jsonl").read_text().splitlines()]
+    assert [e["iteration"] for e in evaluations] == [4]  # the next one, after the actor's restart, is whole
+
+
+# The job, with its rollout pool declared lost while it collects iteration 3's groups.
+POOL_LOST_AT_ITERATION_3 = r"""
+import sys
+import learner.main  # first: it keeps Ray on loopback
+from learner.driver.job import Job
+from rollout.pool import RolloutPoolLost
+
+collect = Job.collect
+
+def collect_or_fail(self, version, wanted=None):
+    if self.iteration == 2:
+        raise RolloutPoolLost("no rollout actor has answered (injected)")
+    return collect(self, version, wanted)
+
+Job.collect = collect_or_fail
+sys.exit(learner.main.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_fatal_error_outside_the_learner_leaves_an_emergency_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    r = run_job("tiny", *SMALL, "iterations=3", "checkpoint.every_n_iterations=0", out=out, expect_rc=1,
+                script=POOL_LOST_AT_ITERATION_3)
+    assert r.errors and "RolloutPoolLost" in r.errors[0]
+    assert f"emergency checkpoint of iteration 2 written to {out / 'checkpoints' / 'iter-000002'}" in r.stdout
+    assert "--resume auto" in r.stdout
+    r = run_job("tiny", *SMALL, "iterations=3", "checkpoint.every_n_iterations=0", out=out, resume="auto")
+    assert "at iteration 2" in r.stdout
+    assert [h["iteration"] for h in r.history] == [1, 2, 3] and r.history[-1]["policy_version"] == 3

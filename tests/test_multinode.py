@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -150,6 +151,54 @@ def test_losing_the_rollout_node_requeues_its_groups_and_the_job_completes(clust
           f"{trained_again_at - added_at:.1f} s until the next iteration ({done_at_kill + 1}) was trained")
 
 
+# On the cluster: a pool of two actors pinned to the rollout node, one ended (its bundle free); after the test kills
+# the node, one more actor is asked for.
+GROW_AFTER_LOSS = r"""
+import sys
+import ray
+from cluster.config import RolloutConfig
+from cluster.pools import ActorPool, PlacementError
+from tests.reward_helpers import ImageHolder
+
+ray.init(log_to_driver=False)
+pool = ActorPool("rollout", ImageHolder, RolloutConfig(num_actors=2, num_cpus_per_actor=0.5,
+                 resources={"rollout_node": 0.1}), placement_timeout_s=3)
+first, second = pool.spawn(), pool.spawn()
+ray.get([first.put.remote(0), second.put.remote(0)])
+pool.release(second)
+print("READY", flush=True)
+sys.stdin.readline()  # the rollout node is gone
+try:
+    grown = pool.spawn()
+    print("ANSWER", ray.get(grown.put.remote(1), timeout=20), flush=True)
+except PlacementError as e:
+    print("REFUSED", str(e).splitlines()[0], flush=True)
+except ray.exceptions.GetTimeoutError:
+    print("HUNG", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_pool_grown_after_its_node_left_uses_no_bundle_of_the_dead_node(cluster):
+    proc = subprocess.Popen([sys.executable, "-c", GROW_AFTER_LOSS], cwd=ROOT, env=cluster_env(cluster),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "READY"
+        cluster.kill("rollout")
+        time.sleep(5)  # Ray sees the node gone (health checks every second here)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        answer = ""
+        while not answer.startswith(("REFUSED", "ANSWER", "HUNG")):  # Ray's own lines about the lost node aside
+            answer = proc.stdout.readline()
+            assert answer, "the script ended without an answer"
+    finally:
+        proc.kill()
+        proc.wait()
+    # no node has rollout_node now: a new bundle cannot be placed, and saying so beats an actor that never starts
+    assert answer.startswith("REFUSED pool 'rollout'"), answer
+
+
 # The job, with the driver holding iteration 3's scored groups (their records still on the rollout node) until the
 # file $FLOWRL_HOLD_UNTIL exists, before the learner is asked to train them.
 HELD_BEFORE_TRAINING = r"""
@@ -213,3 +262,5 @@ def test_losing_the_learner_node_stops_the_job_and_resume_auto_completes_it(clus
     assert f"at iteration {done}" in r.stdout
     assert [h["iteration"] for h in history(out)] == [1, 2, 3, 4, 5]
     assert history(out)[-1]["policy_version"] == 5
+    trained = [g for h in history(out) for g in h["group_ids"]]
+    assert len(trained) == len(set(trained)) == 5 * 4  # across both runs, every group trained once

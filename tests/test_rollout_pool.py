@@ -4,6 +4,8 @@ while groups are in flight, and a worker dying with a group in hand."""
 from __future__ import annotations
 
 
+import time
+
 import pytest
 import torch
 
@@ -140,3 +142,26 @@ def test_a_group_held_by_a_dying_worker_is_delivered_once(pool, ray_local):
     delivered = [sampled.group_id for sampled in pool.results()]
     assert sorted(delivered) == [g.group_id for g in groups]
     assert pool.num_workers == 1
+
+
+@pytest.mark.slow
+def test_a_call_past_its_deadline_is_sampled_again_elsewhere_and_delivered_once(ray_local, tiny_model_dirs, tmp_path):
+    from cluster.pools import ActorPool
+    from tests.rollout_helpers import HangsOnce
+
+    cfg = _config(tiny_model_dirs["flux"])
+    cfg = cfg.model_copy(update={"output_dir": str(tmp_path),
+                                 "rollout": cfg.rollout.model_copy(update={"call_timeout_s": 5.0})})
+    said = []
+    pool = RolloutPool(cfg, SamplerSettings.from_config(cfg), None, num_workers=2,
+                       actors=ActorPool("rollout", HangsOnce, cfg.rollout), report=lambda event, line: said.append(line))
+    try:
+        groups = _groups(50, 3)  # group 50 hangs on the worker that takes it first
+        started = time.monotonic()
+        delivered = _collect(pool, groups)
+        waited = time.monotonic() - started
+    finally:
+        pool.shutdown()
+    assert sorted(delivered) == [50, 51, 52]  # each once (the late result of the hung call is never delivered)
+    assert [line for line in said if "gave no result within 5 s (rollout.call_timeout_s)" in line]
+    assert waited < 60, waited  # not waited out: sampled again on the other worker

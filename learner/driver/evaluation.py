@@ -28,12 +28,17 @@ def evaluate(cfg: JobConfig, pool: RolloutPool, rewards: RewardService, weights:
     items = eval_prompts(cfg.eval)
     seeds = [cfg.eval.seed + i for i in range(len(items))]
     batches = pool.sample_eval([i.prompt for i in items], seeds, weights)
+    images = torch.cat(ray.get(batches))  # for the grids; raises here if a rollout actor was lost
     size = cfg.eval.batch_size
-    # ids -1, -2, ...: never a training group's, and each evaluation is collected before the next one starts
-    handles = [rewards.submit(ref, [i.prompt for i in items[at:at + size]], [i.metadata for i in items[at:at + size]],
-                              group_id=-1 - b)
-               for b, (ref, at) in enumerate(zip(batches, range(0, len(items), size)))]
-    scored = [rewards.collect(handle) for handle in handles]
+    handles = []
+    try:  # ids -1, -2, ...: never a training group's; whatever happens, none is left to the next evaluation
+        for b, (ref, at) in enumerate(zip(batches, range(0, len(items), size))):
+            handles.append(rewards.submit(ref, [i.prompt for i in items[at:at + size]],
+                                          [i.metadata for i in items[at:at + size]], group_id=-1 - b))
+        scored = [rewards.collect(handle) for handle in handles]
+    finally:
+        for handle in handles:
+            rewards.drop(handle)
     scores = {name: np.concatenate([s.scores[name] for s in scored]) for name in scored[0].scores}
     result: dict[str, Any] = {name: float(s.mean()) for name, s in scores.items()}
     if "geneval/accuracy" in scored[0].metrics:
@@ -42,7 +47,7 @@ def evaluate(cfg: JobConfig, pool: RolloutPool, rewards: RewardService, weights:
         result["geneval_accuracy_by_tag"] = {t: float(np.mean([a for a, tt in zip(acc, tags) if tt == t]))
                                              for t in sorted(set(tags))}
     folder = Path(cfg.output_dir) / "eval"
-    result["grids"] = save_pages(torch.cat(ray.get(batches)), folder, f"iter-{iteration:06d}")
+    result["grids"] = save_pages(images, folder, f"iter-{iteration:06d}")
     result["grid"] = result["grids"][0]
     with open(folder / "results.jsonl", "a") as f:
         f.write(json.dumps({"iteration": iteration, **result}) + "\n")

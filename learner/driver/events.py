@@ -2,7 +2,7 @@
 
 The rollout pool and the reward service report their events here (an actor died or became unreachable, a group was
 queued again, a scorer call was retried or timed out); the driver adds the nodes that left the cluster and the groups
-whose records or images were lost before they were used (sampled again). Each
+whose records or images were lost before they were used (sampled again), and evaluations that failed. Each
 iteration's counts go into history.jsonl.
 """
 
@@ -17,7 +17,7 @@ from cluster.pools import alive_nodes, describe
 
 # The events counted in history.jsonl, each with every iteration (0 when none happened).
 KINDS = ("rollout_actor_died", "rollout_actor_lost", "rollout_actor_back", "rollout_actor_replaced",
-         "reward_actor_failed", "reward_retry", "reward_timeout", "node_lost", "records_lost")
+         "reward_actor_failed", "reward_retry", "reward_timeout", "node_lost", "records_lost", "evaluation_failed")
 
 
 class Events:

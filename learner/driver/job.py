@@ -157,8 +157,32 @@ class Job:
         self.trackers = Trackers(cfg, self.iteration)
         try:
             return self._run()
+        except Exception:
+            self.emergency_checkpoint()
+            raise
         finally:
             self.trackers.close()
+
+    def emergency_checkpoint(self) -> None:
+        """After a fatal error outside the learner: a checkpoint of the iterations trained so far, if the learner ranks
+        still answer, hold exactly those iterations and the last checkpoint is older; said in one line."""
+        last = list_checkpoints(checkpoint_root(self.cfg))
+        if self.iteration == 0 or (last and last[-1].name == f"iter-{self.iteration:06d}"):
+            return
+        try:
+            counters = ray.get([actor.counters.remote() for actor in self.learner.actors], timeout=120)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            return  # a learner rank is gone: its state is the last checkpoint's
+        if any(c["iterations"] != self.iteration for c in counters):
+            self.say(f"no emergency checkpoint: the learner was in the middle of iteration {self.iteration + 1}")
+            return
+        try:
+            folder = self.checkpoint()
+        except Exception as err:  # noqa: BLE001 - the error that ended the run is the one to report
+            self.say(f"the emergency checkpoint failed too: {first_line(err)}")
+            return
+        self.say(f"emergency checkpoint of iteration {self.iteration} written to {folder}: run the same command "
+                 f"with --resume auto to go on from it")
 
     def _run(self) -> list[dict[str, Any]]:
         cfg = self.cfg
@@ -187,7 +211,6 @@ class Job:
                                 self.pool.requeued - self.requeued_before, self.stale)
             self.requeued_before, self.stale = self.pool.requeued, 0
             self.events.watch_nodes()
-            summary["events"] = self.events.take()
             if cfg.eval.every_n_iterations and (self.iteration % cfg.eval.every_n_iterations == 0
                                                 or self.iteration == cfg.iterations):
                 started = time.perf_counter()
@@ -198,6 +221,7 @@ class Job:
                 started = time.perf_counter()
                 self.checkpoint()
                 times["checkpoint"] = time.perf_counter() - started
+            summary["events"] = self.events.take()  # the evaluation's included
             times["iteration"] = time.perf_counter() - it_started
             self.say(progress_line(self.iteration, cfg.iterations, summary, times))
             self.trackers.log_iteration(self.iteration, summary, times, rewards)
@@ -388,10 +412,18 @@ class Job:
         return int(self.learner_get([self.learner.actors[0].counters.remote()])[0]["optimizer_steps"])
 
     def evaluate(self) -> dict[str, Any]:
-        """The evaluation of this iteration with the EMA weights (learner/driver/evaluation.py)."""
+        """The evaluation of this iteration with the EMA weights (learner/driver/evaluation.py). One that fails (a
+        rollout actor lost, a failed score) is reported and the run goes on to its checkpoint: {"error": why}."""
         # ([ref], meta) of the EMA weights, put in the object store by rank 0: the weights never come through here
         weights = self.learner_get([self.learner.actors[0].packed_ema.remote()])[0]
-        result = evaluate(self.cfg, self.pool, self.rewards, weights, self.iteration)
+        try:
+            result = evaluate(self.cfg, self.pool, self.rewards, weights, self.iteration)
+        except (ray.exceptions.RayError, RewardError) as err:
+            why = first_line(err, 200)
+            self.events.report("evaluation_failed", f"the evaluation of iteration {self.iteration} failed ({why}); "
+                                                    f"the run goes on")
+            self.metrics.recorder.inc("evaluations_failed_total")
+            return {"error": why}
         self.trackers.log_eval(self.iteration, result)
         return result
 

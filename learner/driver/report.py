@@ -50,7 +50,8 @@ class Metrics:
     def __init__(self, enabled: bool) -> None:
         self.recorder = Recorder(enabled)
         self.reported: dict[str, int] = {}  # running totals already added to the counters (`total`)
-        for name in ("groups_trained_total", "groups_dropped_total", "groups_requeued_total", "groups_stale_total"):
+        for name in ("groups_trained_total", "groups_dropped_total", "groups_requeued_total", "groups_stale_total",
+                     "evaluations_failed_total"):
             self.recorder.zero(name)
         for event in REWARD_EVENTS:
             self.recorder.zero("reward_events_total", event=event)
@@ -109,7 +110,9 @@ def progress_line(iteration: int, total: int, s: dict[str, Any], times: dict[str
 
 
 def eval_line(result: dict[str, Any]) -> str:
-    """An evaluation's scorer means and where its grid pages are."""
+    """An evaluation's scorer means and where its grid pages are (or why it failed)."""
+    if "error" in result:
+        return f"eval failed: {result['error']}"
     means = ", ".join(f"{k} {v:.4f}" for k, v in result.items() if isinstance(v, float))
     pages = result["grids"]
     return f"eval {means} -> {pages[0]}" + (f" (+{len(pages) - 1} pages)" if len(pages) > 1 else "")
