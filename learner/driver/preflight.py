@@ -102,6 +102,36 @@ def check_rewards(cfg: JobConfig, resume: str) -> None:
             scorer_here(spec.name, spec.options, f"rewards.scorers.{i}.options")
 
 
+def check_http_scorers(cfg: JobConfig, resume: str) -> None:
+    """Every `http` scorer's url, timeouts and batch size are well formed, on any Ray (its server and token file are
+    checked where its actors run: `scorer_here`), and its deadline_s ends before rewards.timeout_s, when the reward
+    service would kill the call and restart the actor instead of hearing that the server is down."""
+    from rewards.registry import REGISTRY, scorer_class
+    from rewards.remote import HttpScorer
+
+    defaults = {name: p.default for name, p in inspect.signature(HttpScorer.__init__).parameters.items()
+                if p.default is not p.empty}
+    for i, spec in enumerate(cfg.rewards.scorers):
+        if spec.name not in REGISTRY or not issubclass(scorer_class(spec.name), HttpScorer):
+            continue
+        field = f"rewards.scorers.{i}.options"
+        options = {**defaults, **spec.options, "token_file": None}
+        try:
+            HttpScorer.check_options(**options)
+        except (ValueError, TypeError) as e:
+            raise _scorer_error(field, spec.name, e) from None
+        if options["deadline_s"] >= cfg.rewards.timeout_s:
+            raise InputError(f"{field}.deadline_s = {options['deadline_s']:g}: must be < rewards.timeout_s = "
+                             f"{cfg.rewards.timeout_s:g}, after which the reward service kills the call; lower "
+                             f"deadline_s (default {defaults['deadline_s']:g}) or raise rewards.timeout_s")
+
+
+def _scorer_error(field: str, name: str, error: Exception) -> InputError:
+    """A scorer's refusal as one line, `<field>: <scorer>: <why>`, named once whether or not its message names it."""
+    message = str(error)
+    return InputError(f"{field}: {message if message.startswith(f'{name}: ') else f'{name}: {message}'}")
+
+
 def scorer_here(name: str, options: dict, field: str = "options") -> None:
     """On this node: the scorer's options checked as its constructor checks them, its weights found, none loaded."""
     from rewards.clip_common import RewardLoadError
@@ -110,7 +140,7 @@ def scorer_here(name: str, options: dict, field: str = "options") -> None:
     try:
         scorer_class(name).check(**options)
     except (ValueError, TypeError, FileNotFoundError, RewardLoadError, RuntimeError) as e:
-        raise InputError(f"{field}: {name}: {e}") from None
+        raise _scorer_error(field, name, e) from None
 
 
 def _joins_cluster(cfg: JobConfig) -> bool:
@@ -282,6 +312,7 @@ CHECKS: list[Callable[[JobConfig, str], None]] = [
     check_resume,
     check_logging,
     check_rewards,
+    check_http_scorers,
     check_prompts,
     check_ocr_targets,
     check_local_pools_fit,
