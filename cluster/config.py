@@ -159,7 +159,14 @@ class RewardSpec(Section):
 class RewardsConfig(RestartablePoolConfig):
     scorers: list[RewardSpec] = Field(min_length=1)
     timeout_s: float = Field(120.0, gt=0.0)
-    max_retries: int = Field(2, ge=0)
+    max_retries: int = Field(2, ge=0, description="times a batch is sent again after a failure its actor answered "
+                             "(a scorer backend unavailable) or a call past timeout_s; calls cut off by an actor's "
+                             "restart wait for it and are not counted")
+    max_restarts: int = Field(3, ge=0, description="deaths of one reward actor allowed within restart_window_s, each "
+                              "followed by Ray's restart (or a new actor in its bundle once Ray gives up); one more "
+                              "retires the actor, and a scorer with no actor left fails its groups")
+    restart_window_s: float = Field(600.0, gt=0.0, description="seconds over which the deaths of a reward actor count "
+                                    "against max_restarts; older ones no longer count")
 
     def pool_of(self, scorer: RewardSpec) -> RestartablePoolConfig:
         """The pool of one scorer's actors: the reward pool's settings with the scorer's own overrides."""

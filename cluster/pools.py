@@ -5,7 +5,8 @@ group with a bundle per actor (the actor's CPUs, GPUs and custom resources) and 
 reserved before any of its actors starts. A pool whose bundles no node can hold is refused at once; one that the
 cluster could hold but does not within `ray.placement_timeout_s` is refused then; either way with one message naming
 the pool, one bundle and what each node has. When a node dies Ray re-places the bundles that were on it and restarts
-their actors there (up to `max_restarts`), or keeps them pending until a node with room joins.
+their actors there (up to `max_restarts`), or keeps them pending until a node with room joins; an actor that cannot
+come back is `replace`d by a new one in its bundle.
 
 `service_actor` creates the job's named bookkeeping actors (the weight store) on the driver's own node, taking no CPU.
 Nothing outside `cluster/` passes resource options to Ray (tests/test_layering.py checks it).
@@ -124,6 +125,20 @@ class ActorPool:
             live = self._live_free_bundles()
         group, index = live[0]
         self._free.remove((group, index))
+        return self._start(group, index, args, kwargs)
+
+    def replace(self, handle: Any, *args: Any, **kwargs: Any) -> Any:
+        """A new actor, `actor_cls(*args, **kwargs)`, in the bundle of `handle` (an actor of this pool that cannot
+        come back: out of restarts, say), which is ended for good first. Its bundle is kept even when its node left:
+        Ray places the bundle again once a node with room joins, and the new actor starts there then."""
+        held = self._held.pop(handle._actor_id, None)
+        if held is None:
+            raise ValueError(f"pool {self.name!r}: the actor to replace is not one of its own")
+        ray.kill(handle, no_restart=True)
+        return self._start(held[1], held[2], args, kwargs)
+
+    def _start(self, group: Any, index: int, args: tuple, kwargs: dict) -> Any:
+        """An actor of the pool in bundle `index` of placement group `group`; its handle at once."""
         handle = self._actor_class.options(
             num_cpus=self.cfg.num_cpus_per_actor, num_gpus=self.cfg.num_gpus_per_actor, resources=self.cfg.resources,
             max_restarts=self._restarts, runtime_env=quiet_runtime_env(),

@@ -1,4 +1,5 @@
-"""Ray start-up: join a running cluster or start a local one on loopback, and check that the pools fit.
+"""Ray start-up: join a running cluster or start a local one on loopback, and check that the pools fit. Ray's own
+notices of a dead worker or node stay out of the job's output (`drop_death_notices`).
 
 Ray binds to the machine's network address unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is in the environment before
 `import ray`; entry points set it first thing (see learner/main.py). This module imports ray lazily for that reason.
@@ -63,6 +64,7 @@ def start_ray(cfg: RayConfig, metrics_port: int | None = None) -> str:
     if joins_cluster(cfg):
         address = cfg.address or os.environ["RAY_ADDRESS"]
         ray.init(address=address, namespace=cfg.namespace, log_to_driver=True, logging_level=RAY_LOGGING_LEVEL)
+        drop_death_notices()
         return f"joined the Ray cluster at {address}"
     if os.environ.get(LOOPBACK_ENV) != "0":
         raise RuntimeError(f"{LOOPBACK_ENV}=0 must be set before `import ray`, or a local Ray listens on every address")
@@ -77,7 +79,35 @@ def start_ray(cfg: RayConfig, metrics_port: int | None = None) -> str:
         log_to_driver=True,
         logging_level=RAY_LOGGING_LEVEL,
     )
+    drop_death_notices()
     return f"started a local Ray on {cfg.host} (address {context.address_info['gcs_address']})"
+
+
+# How Ray's own notices of a death start: a worker's (a killed actor, say), a node's raylet, a node marked dead.
+DEATH_NOTICES = ("A worker died or was killed", "Raylet is terminated", "The node with node id")
+
+
+def drop_death_notices() -> None:
+    """Keep Ray's "(raylet) A worker died or was killed ..." warnings, and its notices of a lost node (the tail of
+    the raylet's log included), out of this driver's output: the pool that saw the death says it in one `[flowrl]`
+    line, and the job's node watch the node's loss. Ray pushes these notices to the drivers and prints them through
+    `print_to_stdstream`, looked up anew for each; the actors' own output (log_to_driver) goes through a handler
+    bound at ray.init, so it is untouched, and so are Ray's other warnings (a task killed for memory, say)."""
+    from ray._private import worker
+
+    print_lines = worker.print_to_stdstream
+    if getattr(print_lines, "drops_death_notices", False):
+        return
+
+    def without_death_notices(data: dict, ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            data = {**data, "lines": [line for line in data.get("lines", []) if not line.startswith(DEATH_NOTICES)]}
+            if not data["lines"]:
+                return
+        print_lines(data, ignore_prefix)
+
+    without_death_notices.drops_death_notices = True
+    worker.print_to_stdstream = without_death_notices
 
 
 def metrics_endpoint(discovery: bool) -> str:

@@ -3,13 +3,23 @@
 For each scorer of `rewards.scorers`, a pool of ScorerActor processes (`rewards.num_actors` of `num_cpus_per_actor`
 and `num_gpus_per_actor` each, unless the scorer's own entry overrides them) build the scorer once. A group's images
 go into the object store once; each scorer's pool gets the group as contiguous batches, one per actor, sent to the
-least busy actors; images already in the object store (a rollout's, by reference) are fetched by the actors on their
-own nodes. Each call gets `timeout_s` of its own: it must answer within timeout_s × (1 + calls queued ahead
-of it on its actor) of being sent, or its actor is killed (Ray restarts it, up to `rewards.max_restarts`); a batch
-whose actor died or hung is retried on another actor, at most `max_retries` times. A NaN/inf score, a scorer
-exception or exhausted retries fail the whole group with a RewardError that names it: a group is never scored 0. The
-driver either calls `score` (blocking) or `submit`s groups as they arrive and `wait`s / `collect`s them; the
-failures, retries and timeouts it survives are reported as they happen (`report`).
+least busy actors that answer; images already in the object store (a rollout's, by reference) are fetched by the
+actors on their own nodes.
+
+An actor that stops answering (killed, crashed, its node lost) gets no calls until a probe (`pid`, sent with backoff)
+answers again: its cut-off batches go to the scorer's other actors or, with none answering, wait for it; they are
+never failed for it. It counts as one death per restart Ray made of it (Ray's own record), however many calls the
+restart cut off. An actor Ray will not restart again is replaced by a new one in its placement-group bundle (which
+waits for a node with room when its node left). More than `rewards.max_restarts` deaths of one actor within
+`rewards.restart_window_s` retire it, loudly; a scorer with no actor left fails its groups with a RewardError naming
+it, the count and the window.
+
+Each call gets `timeout_s` of its own: it must answer within timeout_s x (1 + calls queued ahead of it on its actor) of
+being sent, or its actor is killed (Ray restarts it) and the batch is sent again. A NaN/inf score, a scorer exception,
+or more than `max_retries` failures a scorer answered (its backend unavailable) or timeouts of one batch fail the whole
+group with a RewardError that names it: a group is never scored 0. The driver either calls `score` (blocking) or
+`submit`s groups as they arrive and `wait`s / `collect`s them; the failures, retries and timeouts it survives are
+reported as they happen (`report`).
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -25,6 +36,12 @@ import numpy as np
 from cluster.config import RewardsConfig, RewardSpec
 from cluster.pools import ActorPool
 from rewards.base import RewardInputError, ScorerUnavailable, as_uint8_images
+
+PROBE_FIRST_S = 0.5  # after an actor stops answering, the first wait before probing it again
+PROBE_MAX_S = 2.0  # the backoff between two probes grows up to this (Ray holds a call to a restarting actor ~2 s)
+# what Ray says of every call to an actor that is restarting or unreachable, left out of the messages
+RAY_BOILERPLATE = re.compile(r"(The actor [0-9a-f]+ is unavailable: The actor is temporarily unavailable: )"
+                             r"| The task may or may not have been executed on the actor\.")
 
 
 class RewardError(RuntimeError):
@@ -46,7 +63,7 @@ class GroupRewards:
     metrics: dict[str, np.ndarray] = field(default_factory=dict)  # "scorer/metric" -> (N,), e.g. "pickscore/raw"
     latency_s: dict[str, float] = field(default_factory=dict)  # scorer -> submit to last batch back, seconds
     compute_s: dict[str, float] = field(default_factory=dict)  # scorer -> seconds inside the scorer, all batches
-    retries: int = 0  # batches re-sent after an actor died or timed out
+    retries: int = 0  # batches sent again: after their actor stopped answering, a timeout or a scorer unavailable
 
 
 @dataclass
@@ -55,8 +72,8 @@ class ServiceCounters:
 
     groups_scored: int = 0
     groups_failed: int = 0
-    retries: int = 0
-    actor_failures: int = 0  # calls lost to a dead actor
+    retries: int = 0  # batches sent again
+    actor_failures: int = 0  # actor deaths (one per restart, however many calls each cut off), timeout kills aside
     timeouts: int = 0  # calls that hung past timeout_s (their actor was killed)
     nonfinite: int = 0  # groups failed for NaN/inf scores
 
@@ -75,6 +92,9 @@ class ScorerActor:
         import inspect
 
         import ray
+        # A rollout's images are a tensor: unpickling the first one imports torch (seconds on a busy node), which
+        # would count against the first call's timeout_s; imported here, it is part of the start, which is waited for.
+        import torch  # noqa: F401
 
         from cluster.metrics import Recorder
         from rewards.registry import REGISTRY, build, scorer_class
@@ -136,14 +156,40 @@ class _Batch:
     scorer: str
     start: int
     stop: int
-    attempt: int = 0
+    attempt: int = 0  # sends after a failure the scorer answered or a timeout (at most max_retries)
+    resend: str | None = None  # why it is sent again, said when it is sent (None: its first send)
+
+
+@dataclass(eq=False)
+class _Actor:
+    """One actor of a scorer's pool as the driver sees it; a new actor that takes its place keeps its name."""
+
+    scorer: str
+    name: str  # "<scorer>-<index>"
+    handle: Any
+    node: Any  # ref to the id of its node
+    load: int = 0  # calls in flight
+    life: int = 0  # one more each time it stops answering: a call of an earlier life that fails says nothing new
+    restarts_seen: int = 0  # Ray's restarts of this handle already counted
+    down_since: float | None = None  # stopped answering at (monotonic s): no calls until a probe answers
+    down_group: int = -1  # the group whose call found it down
+    probe: Any = None  # the probe in flight
+    probe_at: float = 0.0  # when to send the next probe (monotonic s)
+    backoff: float = PROBE_FIRST_S  # the wait after the next probe that finds it still restarting
+    deaths: deque[float] = field(default_factory=deque)  # when it died (monotonic s), within the restart window
+    retired: str | None = None  # why it is used no more: more deaths within the window than max_restarts
+
+    @property
+    def up(self) -> bool:
+        """Whether it takes calls: answering, and not retired."""
+        return self.down_since is None and self.retired is None
 
 
 @dataclass
 class _Call:
     batch: _Batch
-    actor: int
-    generation: int  # the actor's life when the call was sent; a death is counted once per life
+    actor: _Actor
+    life: int  # the actor's life when the call was sent
     deadline: float
 
 
@@ -155,26 +201,25 @@ class RewardService:
                  report: Callable[[str, str], None] | None = None):
         """`metrics`: the scorer actors record cluster/metrics.py's reward metrics. `pools`: scorer name -> its
         reserved placement (`scorer_pool`; made here when not given). `report(event, message)` hears of every actor
-        failure, retry and timeout."""
+        failure, replacement, retirement, retry and timeout."""
         from rewards.registry import REGISTRY, registered
 
         unknown = [s.name for s in cfg.scorers if s.name not in REGISTRY]
         if unknown:
             raise ValueError(f"unknown reward {unknown[0]!r}; registered: {', '.join(registered())}")
         self.cfg = cfg
-        self.max_restarts = cfg.max_restarts
         self.weights = {s.name: float(s.weight) for s in cfg.scorers}
         self.counters = ServiceCounters()
         self._report = report or (lambda event, message: None)
         self._pools = pools or {s.name: scorer_pool(cfg, s, placement_timeout_s) for s in cfg.scorers}
-        self._actors = {s.name: [self._pools[s.name].spawn(s.name, REGISTRY[s.name], s.options, metrics)
-                                 for _ in range(cfg.pool_of(s).num_actors)]
-                        for s in cfg.scorers}
-        self._nodes = {name: [actor.node.remote() for actor in actors] for name, actors in self._actors.items()}
-        self._load = {name: [0] * len(actors) for name, actors in self._actors.items()}
-        self._generation = {name: [0] * len(actors) for name, actors in self._actors.items()}
-        self._deaths = {name: [0] * len(actors) for name, actors in self._actors.items()}
+        self._spawn_args = {s.name: (s.name, REGISTRY[s.name], s.options, metrics) for s in cfg.scorers}
+        self._actors: dict[str, list[_Actor]] = {}
+        for s in cfg.scorers:
+            handles = [self._pools[s.name].spawn(*self._spawn_args[s.name]) for _ in range(cfg.pool_of(s).num_actors)]
+            self._actors[s.name] = [_Actor(s.name, f"{s.name}-{i}", h, h.node.remote()) for i, h in enumerate(handles)]
+        self._parked: dict[str, deque[_Batch]] = {s.name: deque() for s in cfg.scorers}  # waiting for an actor
         self._calls: dict[Any, _Call] = {}
+        self._probes: dict[Any, _Actor] = {}
         self._groups: dict[int, _Group] = {}
         try:
             self.actor_pids(timeout_s=startup_timeout_s)
@@ -185,13 +230,13 @@ class RewardService:
     # ---- public API -------------------------------------------------------------------------------------------
 
     def actor_pids(self, timeout_s: float | None = None) -> dict[str, list[int]]:
-        """Process id of every actor, per scorer; waits until they are built and raises if one cannot start."""
+        """Process id of every actor in use, per scorer; waits until they are built and raises if one cannot start."""
         import ray
 
         pids = {}
         for name, actors in self._actors.items():
             try:
-                pids[name] = ray.get([a.pid.remote() for a in actors], timeout=timeout_s)
+                pids[name] = ray.get([a.handle.pid.remote() for a in actors if a.retired is None], timeout=timeout_s)
             except ray.exceptions.RayActorError as err:
                 raise RewardError(f"the {name!r} reward actors could not start: {_cause(err)}") from err
             except ray.exceptions.GetTimeoutError as err:
@@ -223,7 +268,8 @@ class RewardService:
                        pending={name: 0 for name in self._actors})
         self._groups[group_id] = group
         for name, actors in self._actors.items():
-            bounds = np.linspace(0, n, min(len(actors), n) + 1).round().astype(int)
+            in_use = sum(a.retired is None for a in actors) or 1
+            bounds = np.linspace(0, n, min(in_use, n) + 1).round().astype(int)
             for start, stop in zip(bounds[:-1], bounds[1:]):
                 group.pending[name] += 1
                 self._send(_Batch(group, name, int(start), int(stop)))
@@ -264,15 +310,14 @@ class RewardService:
         self._groups.pop(handle.group_id, None)
 
     def describe(self) -> dict[str, list[dict[str, Any]]]:
-        """Scorer pool ("rewards/<scorer>") -> its actors: name and node (short id, or "starting")."""
-        pools = {}
-        for name, refs in self._nodes.items():
-            pools[f"rewards/{name}"] = [{"name": f"{name}-{i}", "node": _short_node(ref)} for i, ref in enumerate(refs)]
-        return pools
+        """Scorer pool ("rewards/<scorer>") -> its actors: name and node (short id; "starting", "restarting" while
+        it does not answer, or "retired")."""
+        return {f"rewards/{name}": [{"name": a.name, "node": _node_of(a)} for a in actors]
+                for name, actors in self._actors.items()}
 
     def num_alive(self) -> int:
-        """Actors not seen to die more often than Ray restarts them, over all scorers."""
-        return sum(d <= self.max_restarts for deaths in self._deaths.values() for d in deaths)
+        """Actors in use (answering, or being restarted or replaced), over all scorers."""
+        return sum(a.retired is None for actors in self._actors.values() for a in actors)
 
     def score(self, images: Any, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]] | None = None, *,
               group_id: int) -> GroupRewards:
@@ -284,49 +329,91 @@ class RewardService:
         for pool in self._pools.values():
             pool.shutdown()
         self._calls.clear()
+        self._probes.clear()
+        for parked in self._parked.values():
+            parked.clear()
 
     # ---- scheduling -------------------------------------------------------------------------------------------
 
-    def _send(self, batch: _Batch, avoid: int | None = None) -> None:
-        """Send a batch to the least busy live actor of its scorer (another one than `avoid` if there is one)."""
-        name = batch.scorer
-        live = [i for i in range(len(self._actors[name])) if self._deaths[name][i] <= self.max_restarts]
-        if not live:
-            self._fail(batch.group, f"every {name!r} reward actor is dead (each restarted {self.max_restarts} times)")
+    def _send(self, batch: _Batch, avoid: _Actor | None = None) -> None:
+        """Send a batch to the least busy actor of its scorer that answers (another one than `avoid` if there is
+        one); with none answering it waits for one, and with none left in use its group fails."""
+        group, name = batch.group, batch.scorer
+        if group.error is not None or self._groups.get(group.group_id) is not group:
+            return  # failed or dropped meanwhile: nothing to score
+        actors = self._actors[name]
+        up = [a for a in actors if a.up]
+        if not up:
+            if all(a.retired is not None for a in actors):
+                self._fail(group, self._retired_message(name))
+            else:
+                self._parked[name].append(batch)
             return
-        choices = [i for i in live if i != avoid] or live
-        actor = min(choices, key=lambda i: self._load[name][i])
+        actor = min([a for a in up if a is not avoid] or up, key=lambda a: a.load)
+        if batch.resend is not None:
+            group.retries += 1
+            self.counters.retries += 1
+            self._report("reward_retry", f"scorer {name!r}: images {batch.start}..{batch.stop - 1} of group "
+                                         f"{group.group_id} sent again to {actor.name} ({batch.resend})")
+            batch.resend = None
+        ref = actor.handle.score.remote(group.images, batch.start, batch.stop, group.prompts[batch.start:batch.stop],
+                                        group.metadata[batch.start:batch.stop])
+        deadline = time.monotonic() + self.cfg.timeout_s * (1 + actor.load)
+        actor.load += 1
+        self._calls[ref] = _Call(batch, actor, actor.life, deadline)
+
+    def _resend(self, batch: _Batch, reason: str, avoid: _Actor, counted: bool = False) -> None:
+        """Send a batch again; `counted`: after a failure the scorer answered or a timeout, which fail its group
+        once there were more than max_retries of them."""
         group = batch.group
-        ref = self._actors[name][actor].score.remote(group.images, batch.start, batch.stop,
-                                                     group.prompts[batch.start:batch.stop],
-                                                     group.metadata[batch.start:batch.stop])
-        deadline = time.monotonic() + self.cfg.timeout_s * (1 + self._load[name][actor])
-        self._load[name][actor] += 1
-        self._calls[ref] = _Call(batch, actor, self._generation[name][actor], deadline)
+        if group.error is not None:
+            return
+        if counted:
+            if batch.attempt >= self.cfg.max_retries:
+                self._fail(group, f"scorer {batch.scorer!r}: images {batch.start}..{batch.stop - 1} failed "
+                                  f"{batch.attempt + 1} times; last: {reason}")
+                return
+            batch.attempt += 1
+        batch.resend = reason
+        self._send(batch, avoid)
+
+    def _dispatch(self, scorer: str) -> None:
+        """Send the batches that wait for an actor of `scorer` while one answers."""
+        parked = self._parked[scorer]
+        while parked and any(a.up for a in self._actors[scorer]):
+            self._send(parked.popleft())
 
     def _pump(self, timeout: float | None) -> None:
-        """Wait until a call returns or reaches its deadline (at most `timeout` s), and handle what happened."""
+        """Wait until a call or a probe returns, a call reaches its deadline or a probe is due (at most `timeout` s),
+        and handle what happened."""
         import ray
 
-        if not self._calls:
-            return
-        refs = list(self._calls)
-        wait_s = max(0.0, min(c.deadline for c in self._calls.values()) - time.monotonic())
+        self._send_probes()
+        due = [c.deadline for c in self._calls.values()]
+        due += [a.probe_at for actors in self._actors.values() for a in actors if _awaits_probe(a)]
+        wait_s = max(0.0, min(due) - time.monotonic()) if due else None
         if timeout is not None:
-            wait_s = min(wait_s, timeout)
+            wait_s = timeout if wait_s is None else min(wait_s, timeout)
+        refs = list(self._calls) + list(self._probes)
+        if not refs:  # only probes due later
+            time.sleep(wait_s or 0.0)
+            return
         ready, _ = ray.wait(refs, num_returns=1, timeout=wait_s)
         if ready:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         for ref in ready:
-            self._receive(ref)
+            if ref in self._probes:
+                self._probed(ref)
+            elif ref in self._calls:
+                self._receive(ref)
         now = time.monotonic()
         for ref, call in list(self._calls.items()):
-            if call.deadline <= now:
+            if call.deadline <= now and ref in self._calls:
                 self._time_out(ref, call)
 
     def _release(self, ref: Any) -> _Call:
         call = self._calls.pop(ref)
-        self._load[call.batch.scorer][call.actor] -= 1
+        call.actor.load -= 1
         return call
 
     def _receive(self, ref: Any) -> None:
@@ -340,15 +427,14 @@ class RewardService:
             if getattr(err, "object_ref_hex", None) == group.images.hex():  # the images, not the actor, are gone
                 self._fail(group, f"its images are lost ({_cause(err)})", lost=True)
                 return
-            self.counters.actor_failures += 1
-            self._died(name, call)
-            self._report("reward_actor_failed", f"reward actor {name}-{call.actor} failed on group {group.group_id} "
-                                                f"({_cause(err)})")
-            self._retry(batch, call.actor, f"its actor died ({_cause(err)})")
+            actor = call.actor
+            if call.life == actor.life and actor.retired is None:  # the first news that it stopped answering
+                self._down(actor, group.group_id, _cause(err))
+            self._resend(batch, f"its call was cut off when {actor.name} stopped answering", actor)
             return
         except ray.exceptions.RayTaskError as err:
             if isinstance(getattr(err, "cause", None), ScorerUnavailable):  # its backend may answer next time
-                self._retry(batch, call.actor, _cause(err))
+                self._resend(batch, _cause(err), call.actor, counted=True)
                 return
             self._fail(group, f"scorer {name!r} raised on images {batch.start}..{batch.stop - 1}: {_cause(err)}")
             return
@@ -373,46 +459,141 @@ class RewardService:
             group.latency_s[name] = time.monotonic() - group.submitted
 
     def _time_out(self, ref: Any, call: _Call) -> None:
-        """A hung call: kill its actor (Ray restarts it; its other calls fail and are retried) and retry the batch."""
-        import ray
-
+        """A hung call: kill its actor (Ray restarts it; its other calls are cut off and wait for it) and send the
+        batch again."""
         self._release(ref)
         self.counters.timeouts += 1
-        name = call.batch.scorer
-        self._report("reward_timeout", f"reward actor {name}-{call.actor} gave no answer within {self.cfg.timeout_s:g} "
-                                       f"s on group {call.batch.group.group_id}; it is restarted")
-        if self._died(name, call):
-            ray.kill(self._actors[name][call.actor], no_restart=False)
-        self._retry(call.batch, call.actor, f"no answer within {self.cfg.timeout_s}s")
+        actor, group_id = call.actor, call.batch.group.group_id
+        self._report("reward_timeout", f"reward actor {actor.name} gave no answer within {self.cfg.timeout_s:g} s on "
+                                       f"group {group_id}; it is restarted")
+        if call.life == actor.life and actor.retired is None:
+            self._down(actor, group_id, f"no answer within {self.cfg.timeout_s:g} s", timed_out=True)
+        self._resend(call.batch, f"no answer within {self.cfg.timeout_s}s", actor, counted=True)
 
-    def _died(self, name: str, call: _Call) -> bool:
-        """Count one death per actor life; True if this call is the first to report it."""
-        if call.generation != self._generation[name][call.actor]:
-            return False
-        self._generation[name][call.actor] += 1
-        self._deaths[name][call.actor] += 1
-        return True
+    # ---- actors that stop answering ---------------------------------------------------------------------------
 
-    def _retry(self, batch: _Batch, failed_actor: int, reason: str) -> None:
-        group = batch.group
-        if group.error is not None:
+    def _down(self, actor: _Actor, group_id: int, cause: str, timed_out: bool = False) -> None:
+        """An actor stopped answering (or, `timed_out`, hung and is killed here): it gets no calls until a probe
+        answers, and its death counts."""
+        import ray
+
+        actor.life += 1
+        actor.down_since = actor.probe_at = time.monotonic()
+        actor.down_group, actor.backoff = group_id, PROBE_FIRST_S
+        if timed_out:
+            ray.kill(actor.handle, no_restart=False)
+        else:
+            self.counters.actor_failures += 1
+            others = any(a.up for a in self._actors[actor.scorer])
+            self._report("reward_actor_failed", f"reward actor {actor.name} failed on group {group_id} ({cause}); " + (
+                "its batches go to the other actors until it answers again" if others else
+                f"no {actor.scorer!r} reward actor answers now: its batches wait until one does"))
+        self._died(actor, cause)
+
+    def _send_probes(self) -> None:
+        """Ask each actor that does not answer for its pid, when its probe is due."""
+        now = time.monotonic()
+        for actors in self._actors.values():
+            for actor in actors:
+                if _awaits_probe(actor) and actor.probe_at <= now:
+                    actor.probe = actor.handle.pid.remote()
+                    self._probes[actor.probe] = actor
+
+    def _probed(self, ref: Any) -> None:
+        """A probe returned: the actor answers again, is still restarting (probed again later, with backoff), or
+        is gone for good (replaced)."""
+        import ray
+
+        actor = self._probes.pop(ref)
+        actor.probe = None
+        try:
+            ray.get(ref)
+        except ray.exceptions.ActorUnavailableError:  # restarting, or waiting for a node that can hold it
+            actor.probe_at = time.monotonic() + actor.backoff
+            actor.backoff = min(2 * actor.backoff, PROBE_MAX_S)
             return
-        if batch.attempt >= self.cfg.max_retries:
-            self._fail(group, f"scorer {batch.scorer!r}: images {batch.start}..{batch.stop - 1} failed "
-                              f"{batch.attempt + 1} times; last: {reason}")
+        except ray.exceptions.RayActorError as err:  # out of Ray's restarts, or ended
+            self._gone(actor, err)
             return
-        batch.attempt += 1
-        group.retries += 1
-        self.counters.retries += 1
-        self._report("reward_retry", f"scorer {batch.scorer!r}: images {batch.start}..{batch.stop - 1} of group "
-                                     f"{group.group_id} sent again (attempt {batch.attempt + 1}: {reason})")
-        self._send(batch, avoid=failed_actor)
+        restarts = _ray_restarts(actor.handle)
+        self._died_unseen(actor, restarts - actor.restarts_seen - 1)
+        actor.restarts_seen = restarts
+        if actor.retired is None:
+            actor.down_since, actor.node = None, actor.handle.node.remote()
+            self._dispatch(actor.scorer)
+
+    def _gone(self, actor: _Actor, err: Exception) -> None:
+        """An actor Ray will not restart: a new one takes its place in its bundle, unless it died too often."""
+        self._died_unseen(actor, _ray_restarts(actor.handle) - actor.restarts_seen)  # its last death: counted
+        if actor.retired is not None:
+            return
+        actor.handle = self._pools[actor.scorer].replace(actor.handle, *self._spawn_args[actor.scorer])
+        actor.restarts_seen, actor.probe_at = 0, time.monotonic()  # the probe waits while the new actor starts
+        self._report("reward_actor_replaced", f"reward actor {actor.name} is gone for good ({_cause(err)}); a new "
+                                              f"one takes its place in its bundle")
+
+    def _died_unseen(self, actor: _Actor, count: int) -> None:
+        """Count the deaths of an actor that no call saw (it died again while Ray restarted it)."""
+        for _ in range(count):
+            self.counters.actor_failures += 1
+            self._report("reward_actor_failed", f"reward actor {actor.name} failed on group {actor.down_group} "
+                                                f"again while it restarted")
+            self._died(actor, "it died again while it restarted")
+
+    def _died(self, actor: _Actor, cause: str) -> None:
+        """Record a death; more than max_restarts within restart_window_s retire the actor."""
+        now = time.monotonic()
+        actor.deaths.append(now)
+        while actor.deaths[0] <= now - self.cfg.restart_window_s:
+            actor.deaths.popleft()
+        if len(actor.deaths) > self.cfg.max_restarts and actor.retired is None:
+            self._retire(actor, cause)
+
+    def _retire(self, actor: _Actor, cause: str) -> None:
+        """Use an actor no more (it is ended, its bundle kept); with none of its scorer left, its groups fail."""
+        actor.retired = (f"reward actor {actor.name} died {len(actor.deaths)} times within "
+                         f"{self.cfg.restart_window_s:g} s (rewards.max_restarts = {self.cfg.max_restarts} within "
+                         f"rewards.restart_window_s; last: {cause})")
+        self._probes.pop(actor.probe, None)
+        actor.probe = None
+        self._pools[actor.scorer].release(actor.handle)
+        left = any(a.retired is None for a in self._actors[actor.scorer])
+        self._report("reward_actor_retired", actor.retired + ("; it is not restarted again" if left else
+                                                              f"; no {actor.scorer!r} actor is left: its groups fail"))
+        if not left:
+            parked = self._parked[actor.scorer]
+            while parked:
+                self._fail(parked.popleft().group, self._retired_message(actor.scorer))
+
+    def _retired_message(self, scorer: str) -> str:
+        return f"scorer {scorer!r} has no reward actor left: " + "; ".join(
+            a.retired for a in self._actors[scorer] if a.retired is not None)
 
     def _fail(self, group: _Group, message: str, lost: bool = False) -> None:
         """Fail the group (RewardError; ImagesLost with `lost`: it is sampled again, not counted as failed)."""
         if group.error is None:
             group.error = (ImagesLost if lost else RewardError)(f"group {group.group_id}: {message}")
             self.counters.groups_failed += not lost
+
+
+def _awaits_probe(actor: _Actor) -> bool:
+    """Whether an actor does not answer, is in use, and has no probe in flight."""
+    return actor.down_since is not None and actor.retired is None and actor.probe is None
+
+
+def _ray_restarts(handle: Any) -> int:
+    """How often Ray restarted an actor, as its control store (GCS) records it: every restart, whether or not a call
+    of ours was cut off by it."""
+    from ray._private.state import actors
+
+    return int(actors(actor_id=handle._actor_id.hex())["NumRestarts"])
+
+
+def _node_of(actor: _Actor) -> str:
+    """Where an actor runs, for `describe`."""
+    if actor.retired is not None:
+        return "retired"
+    return "restarting" if actor.down_since is not None else _short_node(actor.node)
 
 
 def _short_node(ref: Any) -> str:
@@ -434,11 +615,13 @@ def scorer_pool(cfg: RewardsConfig, scorer: RewardSpec, placement_timeout_s: flo
 
 
 def _cause(err: Exception) -> str:
-    """What went wrong inside Ray in one line: the scorer's exception, or the first line of Ray's own message."""
+    """What went wrong inside Ray in one line: the scorer's exception, or the first line of Ray's own message (less
+    what it says of every call to an unavailable actor)."""
     cause = getattr(err, "cause", None)
     if isinstance(cause, Exception) and cause is not err:  # a RayTaskError wraps the scorer's exception
         return (f"{type(cause).__name__}: {cause}".splitlines() or [""])[0]
-    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", str(err)).splitlines() if line.strip()]
+    text = RAY_BOILERPLATE.sub(lambda m: "actor unavailable: " if m.group(1) else "", str(err))
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;]*m", "", text).splitlines() if line.strip()]
     if not lines:
         return type(err).__name__
     # an actor whose __init__ raised: Ray's message ends with the exception line of the constructor's traceback

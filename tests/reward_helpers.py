@@ -17,12 +17,18 @@ def mean_scores(images: np.ndarray, prompts: Sequence[str]) -> np.ndarray:
 
 
 class SlowMean(Scorer):
-    """`mean_scores` after `sleep_s`; the first call to find `hang_file` deletes it and hangs for an hour."""
+    """`mean_scores` after `sleep_s`; the first call to find `hang_file` deletes it and hangs for an hour. Built after
+    `start_delay_s` (a model that loads slowly), then its process id is appended to `pid_file` (one line per life)."""
 
     name = "slow_mean"
 
-    def __init__(self, sleep_s: float = 0.0, hang_file: str | None = None):
+    def __init__(self, sleep_s: float = 0.0, hang_file: str | None = None, start_delay_s: float = 0.0,
+                 pid_file: str | None = None):
         self.sleep_s, self.hang_file = sleep_s, hang_file
+        time.sleep(start_delay_s)
+        if pid_file:
+            with open(pid_file, "a") as f:
+                f.write(f"{os.getpid()}\n")
 
     def score(self, images: np.ndarray, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> ScoreResult:
         if self.hang_file:

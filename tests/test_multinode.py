@@ -264,3 +264,77 @@ def test_losing_the_learner_node_stops_the_job_and_resume_auto_completes_it(clus
     assert history(out)[-1]["policy_version"] == 5
     trained = [g for h in history(out) for g in h["group_ids"]]
     assert len(trained) == len(set(trained)) == 5 * 4  # across both runs, every group trained once
+
+
+@pytest.mark.slow
+def test_a_slow_reward_actor_killed_twice_and_its_node_lost_drops_no_group(cluster, tmp_path):
+    """One reward actor on a fourth node of its own, with a scorer that takes 20 s to start: SIGKILLed twice while
+    it scores, then its node lost for 30 s. Its batches wait for each restart; the run drops no group."""
+    import signal
+
+    out, log, pid_file = tmp_path / "run", tmp_path / "job.log", tmp_path / "reward-pids"
+    # the job, with the test scorer registered in the driver and in the check run on the reward node before any
+    # actor starts (a fresh process there; the actor itself gets the registry entry from the driver)
+    slow_scorer_job = r"""
+import sys
+import learner.main  # first: it keeps Ray on loopback
+import learner.driver.placement as placement
+from rewards.registry import REGISTRY
+
+REGISTRY["slow_mean"] = "tests.reward_helpers:SlowMean"
+check_scorer = placement.scorer_node
+
+def registered_then_checked(*args):
+    from rewards.registry import REGISTRY
+    REGISTRY["slow_mean"] = "tests.reward_helpers:SlowMean"
+    return check_scorer(*args)
+
+placement.scorer_node = registered_then_checked
+sys.exit(learner.main.main(sys.argv[1:]))
+"""
+    scorer = (f"rewards.scorers=[{{name: slow_mean, options: {{sleep_s: 1, start_delay_s: 20, "
+              f"pid_file: '{pid_file}'}}}}]")
+    pinned = [*PINNED[:2], "rewards.resources={reward_node: 0.1}", scorer]
+
+    def lives() -> list[int]:
+        return [int(pid) for pid in pid_file.read_text().split()] if pid_file.exists() else []
+
+    def wait_until(condition, proc: subprocess.Popen, what: str, timeout: float = 180) -> None:
+        end = time.monotonic() + timeout
+        while not condition():
+            assert proc.poll() is None, f"the job ended before {what}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < end, f"no {what} within {timeout} s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+
+    def sent_again() -> int:
+        return log.read_text().count("sent again to slow_mean-0")
+
+    began = time.monotonic()
+    cluster.add("reward", 1, {"reward_node": 1})
+    try:
+        with start_job("tiny", *pinned, *SMALL, "iterations=3", out=out, log=log, env=cluster_env(cluster),
+                       script=slow_scorer_job) as proc:
+            wait_until(lambda: len(history(out)) >= 1, proc, "first iteration", timeout=300)
+            os.kill(lives()[0], signal.SIGKILL)
+            for life in (2, 3):  # once the restarted actor has the batches that waited for it, it is killed again
+                resent = sent_again()
+                wait_until(lambda: len(lives()) >= life and sent_again() > resent, proc, f"reward actor life {life}")
+                if life == 2:
+                    os.kill(lives()[1], signal.SIGKILL)
+            cluster.kill("reward")  # no other node has reward_node: the actor waits for its bundle to be placed again
+            time.sleep(30)
+            cluster.add("reward", 1, {"reward_node": 1})
+            assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
+    finally:
+        if "reward" in cluster.nodes:
+            cluster.kill("reward")
+    rows, said = history(out), log.read_text()
+    assert [h["iteration"] for h in rows] == [1, 2, 3]
+    assert all(h["groups"] == 4 and h["groups_dropped"] == 0 for h in rows)  # not one group dropped
+    assert len(lives()) == 4  # two kills and the node loss: three restarts, each waited for
+    events = {kind: sum(h["events"][kind] for h in rows) for kind in rows[0]["events"]}
+    assert events["reward_actor_failed"] == 3 == said.count("[flowrl] reward actor slow_mean-0 failed on group")
+    assert events["reward_retry"] == said.count("sent again to slow_mean-0") >= 3
+    assert events["reward_timeout"] == 0 and "dropped" not in said
+    assert "A worker died" not in said and "(raylet)" not in said  # Ray's own lines stay out of the job's log
+    print(f"MEASURED slow reward actor killed twice and its node lost: {time.monotonic() - began:.0f} s")

@@ -26,10 +26,10 @@ def make_service(ray_local, monkeypatch):
         monkeypatch.setitem(REGISTRY, name, target)
     made = []
 
-    def make(*scorers: tuple[str, float, dict], num_actors: int = 2, **fields) -> RewardService:
+    def make(*scorers: tuple[str, float, dict], num_actors: int = 2, report=None, **fields) -> RewardService:
         cfg = RewardsConfig(scorers=[dict(name=n, weight=w, options=o) for n, w, o in scorers],
                             num_actors=num_actors, num_cpus_per_actor=0.25, **fields)
-        made.append(RewardService(cfg))
+        made.append(RewardService(cfg, report=report))
         return made[-1]
 
     yield make
@@ -162,3 +162,113 @@ def test_a_scorer_that_cannot_start_is_reported_by_name(make_service):
 def test_an_unknown_scorer_lists_the_registered_ones(make_service):
     with pytest.raises(ValueError, match="unknown reward 'nope'; registered: .*jpeg_compressibility"):
         make_service(("nope", 1.0, {}))
+
+
+def lives(pid_file) -> list[int]:
+    """The process ids a SlowMean actor wrote, one per life, once built."""
+    return [int(line) for line in pid_file.read_text().split()] if pid_file.exists() else []
+
+
+def pump_until(service: RewardService, handles, condition, timeout: float = 60.0) -> None:
+    """Drive the service (nothing is done meanwhile) until `condition()` holds."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "the condition did not hold in time"
+        assert service.wait(handles, timeout=0.1) == []
+
+
+def kill_when_built(pid_file, life: int, timeout: float = 60.0) -> None:
+    """SIGKILL the actor's `life`-th process (1: the first) once it is built."""
+    end = time.monotonic() + timeout
+    while len(lives(pid_file)) < life:
+        assert time.monotonic() < end, f"life {life} of the actor was not built in time"
+        time.sleep(0.05)
+    os.kill(lives(pid_file)[life - 1], signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_slow_starting_actor_killed_twice_is_waited_for_and_every_group_scored(make_service, tmp_path):
+    pid_file, events = tmp_path / "pids", []
+    start_delay_s = 3.0
+    service = make_service(("slow_mean", 1.0, {"sleep_s": 0.5, "start_delay_s": start_delay_s,
+                                               "pid_file": str(pid_file)}),
+                           num_actors=1, report=lambda kind, message: events.append((kind, message)))
+    groups = {gid: group(4, seed=gid) for gid in range(30, 34)}
+    handles = [service.submit(*groups[gid], group_id=gid) for gid in groups]  # 4 calls queued on the one actor
+    time.sleep(0.2)
+    killed_at = time.monotonic()
+    kill_when_built(pid_file, 1)  # in the middle of the first call: all four are cut off
+    pump_until(service, handles, lambda: service.counters.retries == 4)  # sent again once it answers
+    kill_when_built(pid_file, 2)  # the second life, in the middle of its first call again
+    results = [service.collect(h, timeout=120) for h in handles]
+
+    for result in results:
+        images, prompts, _ = groups[result.group_id]
+        np.testing.assert_allclose(result.scores["slow_mean"], in_process("slow_mean", images, prompts), rtol=1e-6)
+        assert result.retries == 2  # once per restart, not once per failed attempt
+    assert time.monotonic() - killed_at >= 2 * start_delay_s  # the retries waited for both restarts
+    counters = service.counters
+    assert counters.actor_failures == 2 and counters.retries == 8
+    assert counters.groups_failed == 0 and counters.groups_scored == 4 and counters.timeouts == 0
+    assert [kind for kind, _ in events].count("reward_actor_failed") == 2
+    assert [kind for kind, _ in events].count("reward_retry") == 8 and len(events) == 10
+    failed = [message for kind, message in events if kind == "reward_actor_failed"]
+    assert all("no 'slow_mean' reward actor answers now: its batches wait until one does" in m for m in failed)
+    assert len(lives(pid_file)) == 3 and service.actor_pids() == {"slow_mean": [lives(pid_file)[2]]}
+
+
+@pytest.mark.slow
+def test_an_actor_out_of_ray_restarts_is_replaced_and_its_group_completes(make_service, tmp_path):
+    pid_file, events = tmp_path / "pids", []
+    # Ray restarts it once; two deaths 1 s apart or more are within the budget of 1 per 1 s window
+    service = make_service(("slow_mean", 1.0, {"sleep_s": 1.0, "start_delay_s": 2.0, "pid_file": str(pid_file)}),
+                           num_actors=1, max_restarts=1, restart_window_s=1.0,
+                           report=lambda kind, message: events.append((kind, message)))
+    images, prompts, metadata = group(4, seed=40)
+    expected = in_process("slow_mean", images, prompts)
+    for life, group_id in ((1, 41), (2, 42)):  # the second kill leaves Ray no restart
+        handle = service.submit(images, prompts, metadata, group_id=group_id)
+        time.sleep(0.3)
+        kill_when_built(pid_file, life)
+        result = service.collect(handle, timeout=120)
+        np.testing.assert_allclose(result.scores["slow_mean"], expected, rtol=1e-6)
+        assert result.retries == 1
+
+    assert service.counters.actor_failures == 2 and service.counters.groups_failed == 0
+    kinds = [kind for kind, _ in events]
+    assert kinds.count("reward_actor_replaced") == 1 and "reward_actor_retired" not in kinds
+    [replaced] = [message for kind, message in events if kind == "reward_actor_replaced"]
+    assert replaced.startswith("reward actor slow_mean-0 is gone for good (")
+    assert len(lives(pid_file)) == 3 and service.actor_pids() == {"slow_mean": [lives(pid_file)[2]]}
+    pool = service._pools["slow_mean"]
+    assert pool.spawned == 2 and pool.free_bundles == 0  # the new actor took the old one's bundle
+    np.testing.assert_allclose(service.score(images, prompts, metadata, group_id=43).scores["slow_mean"], expected,
+                               rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_more_restarts_than_the_window_allows_fail_the_scorer_loudly(make_service, tmp_path):
+    pid_file, events = tmp_path / "pids", []
+    service = make_service(("slow_mean", 1.0, {"sleep_s": 1.0, "pid_file": str(pid_file)}), num_actors=1,
+                           max_restarts=1, restart_window_s=600.0,
+                           report=lambda kind, message: events.append((kind, message)))
+    images, prompts, metadata = group(4, seed=50)
+    handle = service.submit(images, prompts, metadata, group_id=51)
+    time.sleep(0.3)
+    kill_when_built(pid_file, 1)
+    assert service.collect(handle, timeout=120).retries == 1  # one restart: within the budget
+    handle = service.submit(images, prompts, metadata, group_id=52)
+    time.sleep(0.3)
+    kill_when_built(pid_file, 2)
+    loud = (r"scorer 'slow_mean' has no reward actor left: reward actor slow_mean-0 died 2 times within 600 s "
+            r"\(rewards.max_restarts = 1 within rewards.restart_window_s; last: ")
+    with pytest.raises(RewardError, match=r"group 52: " + loud):
+        service.collect(handle, timeout=120)
+    with pytest.raises(RewardError, match=r"group 53: " + loud):  # later groups fail at once
+        service.score(images, prompts, metadata, group_id=53)
+
+    assert service.counters.actor_failures == 2 and service.counters.groups_failed == 2
+    assert service.num_alive() == 0 and service.describe() == {"rewards/slow_mean": [
+        {"name": "slow_mean-0", "node": "retired"}]}
+    [retired] = [message for kind, message in events if kind == "reward_actor_retired"]
+    assert retired.endswith("no 'slow_mean' actor is left: its groups fail")

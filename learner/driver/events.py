@@ -17,7 +17,8 @@ from cluster.pools import alive_nodes, describe
 
 # The events counted in history.jsonl, each with every iteration (0 when none happened).
 KINDS = ("rollout_actor_died", "rollout_actor_lost", "rollout_actor_back", "rollout_actor_replaced",
-         "reward_actor_failed", "reward_retry", "reward_timeout", "node_lost", "records_lost", "evaluation_failed")
+         "reward_actor_failed", "reward_actor_replaced", "reward_actor_retired", "reward_retry", "reward_timeout",
+         "node_lost", "records_lost", "evaluation_failed")
 
 
 class Events:
