@@ -117,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     say(f"{args.cfg}: valid ({cfg.model.family} at {cfg.model.path}, sampler {cfg.sampler.kind}, "
         f"{cfg.data.images_per_iteration // cfg.data.group_size} groups x {cfg.data.group_size} per iteration)")
+    from learner.ranks.checkpoint import given_with_set
+
     try:
-        run(cfg, args.resume or cfg.checkpoint.resume, dry_run=args.dry_run)
+        with given_with_set(args.set):  # keys a resumed run may change from its checkpoint's training config
+            run(cfg, args.resume or cfg.checkpoint.resume, dry_run=args.dry_run)
     except Exception as e:  # one clear line unless --debug
         if args.debug:
             raise

@@ -113,10 +113,22 @@ def test_a_kill_in_the_middle_of_a_checkpoint_keeps_the_previous_one_and_resume_
     now = {str(p.relative_to(root / "iter-000002")): hashlib.sha256(p.read_bytes()).hexdigest()
            for p in sorted((root / "iter-000002").rglob("*")) if p.is_file()}
     assert now == previous and "trainer.json" in now
+    run_id = json.loads((root / "iter-000002" / "trainer.json").read_text())["run_id"]
 
-    r = run_job("tiny", *SMALL, "iterations=4", "checkpoint.every_n_iterations=2", out=out, resume="auto")
+    # a second, fresh run into the same folder: refused before Ray starts, the run's files left as they were
+    r = run_job("tiny", *SMALL, "iterations=4", out=out, expect_rc=2)
+    assert "--resume auto" in r.stderr and "a new output_dir or checkpoint.storage" in r.stderr, r.stderr
+    assert "started a local Ray" not in r.stdout and partial.is_dir()
+    assert {str(p.relative_to(root / "iter-000002")): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((root / "iter-000002").rglob("*")) if p.is_file()} == previous
+
+    # the run goes on under its own id; a training key changed on purpose is given with --set
+    r = run_job("tiny", *SMALL, "iterations=4", "checkpoint.every_n_iterations=2", "learner.lr=0.02", out=out,
+                resume="auto")
     assert f"resumed from {root / 'iter-000002'} at iteration 2" in r.stdout
     assert sorted(p.name for p in root.iterdir()) == ["iter-000002", "iter-000004"]  # the leftover is gone
+    last = json.loads((root / "iter-000004" / "trainer.json").read_text())
+    assert last["run_id"] == run_id and last["training_config"]["learner.lr"] == 0.02
     rows = [json.loads(ln) for ln in (out / "history.jsonl").read_text().splitlines()]
     assert [h["iteration"] for h in rows] == [1, 2, 3, 4]  # iteration 3 of the killed run is not kept twice
     assert rows[-1]["policy_version"] == 4

@@ -40,6 +40,7 @@ from learner.ranks.checkpoint import (
     finish_checkpoint,
     list_checkpoints,
     load_trainer,
+    new_run_id,
     resolve_resume,
 )
 from learner.ranks.process_group import RankGroup
@@ -113,6 +114,7 @@ class Job:
             f"{scorer_actors} reward, {lc.num_actors} learner "
             f"(ZeRO-{lc.zero_stage}, {lc.precision}, {info['trainable_parameters']:,} trainable parameters)")
         self.iteration = 0
+        self.run_id = new_run_id()  # a fresh run's; a resumed run goes on with its checkpoint's
         self.last_advantages: dict[str, float] = {}
         self.skipped_in_a_row = 0  # updates skipped for a non-finite loss or gradient, since the last applied one
         self.requeued_before = 0  # the rollout pool's re-queued groups before this iteration
@@ -124,9 +126,10 @@ class Job:
 
     def resume(self, resume: str) -> None:
         """Continue from a checkpoint ('auto': the newest complete one, if any); then publish the weights in force."""
-        folder = resolve_resume(self.cfg, resume)
+        folder = resolve_resume(self.cfg, resume, self.say)
         if folder is not None:
             trainer = load_trainer(folder, len(self.learner))
+            self.run_id = trainer["run_id"]
             self.learner_get(self.learner.run("load_shard", str(folder)))  # each rank reads its own shard
             self.sampler.load_state_dict(trainer["prompt_cursor"])
             self.resumed_groups = [PromptGroup(g["group_id"], g["prompt"], g["metadata"], tuple(g["seeds"]))
@@ -166,7 +169,7 @@ class Job:
     def emergency_checkpoint(self) -> None:
         """After a fatal error outside the learner: a checkpoint of the iterations trained so far, if the learner ranks
         still answer, hold exactly those iterations and the last checkpoint is older; said in one line."""
-        last = list_checkpoints(checkpoint_root(self.cfg))
+        last = list_checkpoints(checkpoint_root(self.cfg), self.run_id)
         if self.iteration == 0 or (last and last[-1].name == f"iter-{self.iteration:06d}"):
             return
         try:
@@ -402,7 +405,7 @@ class Job:
         try:
             return ray.get(refs)
         except RayActorError as err:
-            last = list_checkpoints(checkpoint_root(self.cfg))
+            last = list_checkpoints(checkpoint_root(self.cfg), self.run_id)
             since = f"the last checkpoint is {last[-1]}" if last else "there is no checkpoint yet"
             raise TrainingStopped(f"a learner rank is gone ({first_line(err, 160)}); "
                                   f"{since}: run the same command with --resume auto (on a cluster with room for "
@@ -431,7 +434,7 @@ class Job:
         """Each learner rank writes its own shard (rank 0 also the exported EMA LoRA) into the checkpoint's temporary
         folder; then trainer.json completes it: counters, the prompt cursor, and the groups submitted but not trained
         yet (a resumed run samples them first). No model state passes through the driver."""
-        tmp = begin_checkpoint(self.cfg, self.iteration)
+        tmp = begin_checkpoint(self.cfg, self.iteration, self.run_id)
         try:
             self.learner_get(self.learner.run("save_shard", str(tmp)))
         except BaseException:
@@ -439,7 +442,7 @@ class Job:
             raise
         arrived = [sampled.summary.prompt_group() for sampled, _ in self.arrived]
         pending = [dataclasses.asdict(group) for group in arrived + self.pool.pending_groups()]
-        trainer = {"policy_version": self.policy_version(), "prompt_cursor": self.sampler.state_dict(),
+        trainer = {"run_id": self.run_id, "policy_version": self.policy_version(), "prompt_cursor": self.sampler.state_dict(),
                    "pending_groups": pending, "advantages": self.last_advantages}
         return finish_checkpoint(self.cfg, tmp, self.iteration, trainer, len(self.learner))
 

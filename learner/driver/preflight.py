@@ -72,7 +72,10 @@ def check_logging(cfg: JobConfig, resume: str) -> None:
 
 
 def check_resume(cfg: JobConfig, resume: str) -> None:
-    """The checkpoint to resume from ('none', 'auto' or a folder) is one this job can continue."""
+    """The checkpoint to resume from ('none', 'auto' or a folder) is one this job can continue, before any model loads:
+    a fresh run only where there is no checkpoint; the checkpoint's learner ranks this job's learner.num_actors, its
+    shards and every other file intact (sizes and sha256), its training config this job's but for keys given with
+    --set (learner/ranks/checkpoint.py `resolve_resume`, which the job runs again to load it)."""
     from learner.ranks.checkpoint import resolve_resume
 
     resolve_resume(cfg, resume)
