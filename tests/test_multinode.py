@@ -1,6 +1,7 @@
 """The tiny job on a real three-node Ray cluster on this machine (bench/local_cluster.py): pools placed on chosen nodes
 through custom resources, a placement that no node can hold, the loss of the rollout node (with groups being
-sampled, and with scored groups whose records the learner had not fetched yet) and of the learner node.
+sampled, with scored groups whose records the learner had not fetched yet, and during an evaluation), of the learner
+node, and of a slow reward actor's node.
 
 Nodes: the head (1 CPU, `head`: the driver's node, the reward actor's), a rollout node (2 CPUs, `rollout_node`) and
 a learner node (1 CPU, `learner_node`); the tests add nodes back after killing one. Only the raylets this module
@@ -150,6 +151,57 @@ def test_losing_the_rollout_node_requeues_its_groups_and_the_job_completes(clust
     print(f"MEASURED rollout node loss: {added_at - killed_at:.1f} s until the loss was seen and a node added, then "
           f"{trained_again_at - added_at:.1f} s until the next iteration ({done_at_kill + 1}) was trained")
 
+
+
+# The job, with the driver stopped at the start of iteration 2's evaluation until the file $FLOWRL_HOLD_UNTIL exists.
+HELD_AT_EVALUATION = r"""
+import os, sys, time
+import learner.main  # first: it keeps Ray on loopback
+from learner.driver.job import Job
+
+evaluate = Job.evaluate
+
+def held(self):
+    if self.iteration == 2 and not os.path.exists(os.environ["FLOWRL_HOLD_UNTIL"]):
+        print("EVALUATING", flush=True)
+        while not os.path.exists(os.environ["FLOWRL_HOLD_UNTIL"]):
+            time.sleep(0.2)
+    return evaluate(self)
+
+Job.evaluate = held
+sys.exit(learner.main.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_losing_the_rollout_node_during_an_evaluation_ends_no_run_and_loses_no_checkpoint(cluster, tmp_path):
+    """The rollout node killed as iteration 2's evaluation starts (its batch goes to the lost workers): the evaluation
+    either waits for them or is reported failed, iteration 2's checkpoint is written, and the run completes."""
+    out, log, flag = tmp_path / "run", tmp_path / "job.log", tmp_path / "go"
+    env = {**cluster_env(cluster), "FLOWRL_HOLD_UNTIL": str(flag)}
+    evaluated = [o for o in SMALL if not o.startswith("eval.")] + ["eval.every_n_iterations=2", "eval.at_start=false"]
+    with start_job("tiny", *PINNED, *evaluated, "iterations=3", "checkpoint.keep_last=3", out=out, log=log, env=env,
+                   script=HELD_AT_EVALUATION) as proc:
+        end = time.monotonic() + 300
+        while "EVALUATING" not in log.read_text():
+            assert time.monotonic() < end and proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.2)
+        cluster.kill("rollout")
+        flag.touch()
+        while "left the cluster" not in log.read_text():
+            assert time.monotonic() < end and proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        cluster.add("rollout", 2, {"rollout_node": 1})
+        assert proc.wait(timeout=400) == 0, log.read_text()[-4000:]
+    rows, said = history(out), log.read_text()
+    assert [h["iteration"] for h in rows] == [1, 2, 3]
+    trained = [g for h in rows for g in h["group_ids"]]
+    assert len(trained) == len(set(trained)) == 3 * 4  # every group trained once and whole
+    failed = sum(h["events"]["evaluation_failed"] for h in rows)
+    assert failed == ("error" in rows[1]["eval"]) == said.count("the evaluation of iteration 2 failed")
+    assert "error" in rows[1]["eval"] or rows[1]["eval"]["jpeg_compressibility"] > 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["iter-000001", "iter-000002", "iter-000003"]
+    print(f"MEASURED evaluation during the rollout node's loss: {'failed, reported' if failed else 'waited, scored'}")
 
 # On the cluster: a pool of two actors pinned to the rollout node, one ended (its bundle free); after the test kills
 # the node, one more actor is asked for.
