@@ -39,8 +39,8 @@ from learner.ranks.checkpoint import (
     checkpoint_root,
     finish_checkpoint,
     list_checkpoints,
-    load_trainer,
     new_run_id,
+    read_trainer,
     resolve_resume,
 )
 from learner.ranks.process_group import RankGroup
@@ -128,7 +128,7 @@ class Job:
         """Continue from a checkpoint ('auto': the newest complete one, if any); then publish the weights in force."""
         folder = resolve_resume(self.cfg, resume, self.say)
         if folder is not None:
-            trainer = load_trainer(folder, len(self.learner))
+            trainer = read_trainer(folder)  # resolve_resume checked it against this job
             self.run_id = trainer["run_id"]
             self.learner_get(self.learner.run("load_shard", str(folder)))  # each rank reads its own shard
             self.sampler.load_state_dict(trainer["prompt_cursor"])

@@ -568,16 +568,6 @@ def _refuse_mixing(cfg: JobConfig, root: Path, folder: Path) -> None:
                                   f"checkpoint.storage to go on from {folder.name}")
 
 
-def load_trainer(folder: Path, world_size: int) -> dict[str, Any]:
-    """The driver's part of a checkpoint written with the same number of learner ranks (each rank reads its own); it
-    names the run (`run_id`) that the job goes on with."""
-    trainer = read_trainer(folder)
-    if trainer.get("world_size") != world_size:
-        raise CheckpointError(f"{folder} was written by {trainer.get('world_size')} learner ranks; this job has "
-                              f"{world_size} (learner.num_actors must match to resume)")
-    return trainer
-
-
 def export_lora(cfg: JobConfig, state: dict[str, torch.Tensor], folder: Path) -> None:
     """Write a LoRA state (peft names) in the layout `pipe.load_lora_weights(folder)` reads, alpha included."""
     from peft import LoraConfig
