@@ -58,7 +58,8 @@ def main(out: Path, model: Path) -> dict:
         "iterations=4", f"output_dir={out / 'run'}", f"model.path={model}",
         "data.source=text", f"data.path={out / 'prompts.txt'}", "data.images_per_iteration=16",
         "rollout.max_restarts=3", "eval.every_n_iterations=0", "checkpoint.every_n_iterations=0", "metrics.port=0",
-        "rewards.num_actors=2", "rewards.num_cpus_per_actor=0.05", "rewards.timeout_s=4", "rewards.max_retries=2",
+        "rollout.num_actors=2", "rewards.num_actors=2", "rewards.num_cpus_per_actor=0.05", "rewards.timeout_s=4",
+        "rewards.max_retries=2",
         "rewards.scorers=[{name: slow_mean, options: {sleep_s: 1.0}}, "
         f"{{name: hang_mean, options: {{hang_file: '{out / 'hang'}'}}}}, "
         "{name: nan_for_word, options: {word: poison}}]",

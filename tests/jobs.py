@@ -1,5 +1,6 @@
 """The one way tests launch a job: `python -m learner.main --cfg cluster/<cfg>.yaml --set k=v ...` in a process of its
-own, in the foreground (`run_job`) or in the background (`start_job`); `job_args` for a job submitted to a cluster."""
+own, in the foreground (`run_job`) or in the background (`start_job`); `job_args` for a job submitted to a cluster;
+`listening`: the sockets a running job listens on."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -100,3 +103,17 @@ def start_job(cfg: str, *overrides: str, out: Path, log: Path | None = None, res
                 proc.wait()
         if log:
             sink.close()
+
+
+def listening(root_pid: int) -> list[tuple[str, int, str]]:
+    """(address, port, process name) of every listening TCP socket and bound UDP socket of a process tree."""
+    found = []
+    root = psutil.Process(root_pid)
+    for proc in [root] + root.children(recursive=True):
+        try:
+            for c in proc.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN or (c.type == 2 and c.laddr and not c.raddr):
+                    found.append((c.laddr.ip, c.laddr.port, proc.name()))
+        except psutil.Error:
+            continue
+    return found

@@ -1,5 +1,6 @@
 """Metrics: one list of names shared by the code, the Grafana dashboard and the README, and a real Prometheus server
-scraping a tiny job through Ray's service discovery, every dashboard query answered."""
+scraping a tiny job through Ray's service discovery, every dashboard query answered; that job's sockets all on
+loopback."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import pytest
 import yaml
 
 from cluster.metrics import BY_NAME, EXPORTED_PREFIX, METRICS, REWARD_EVENTS, Recorder
-from tests.jobs import ROOT, job_env, start_job
+from tests.jobs import ROOT, job_env, listening, start_job
 
 DASHBOARD = ROOT / "cluster" / "grafana" / "dashboard.json"
 SCRAPE_CONFIG = ROOT / "cluster" / "prometheus.yml"
 NAME = re.compile(re.escape(EXPORTED_PREFIX) + r"([a-z0-9_]+)")
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
 def dashboard_exprs() -> list[str]:
@@ -130,7 +132,10 @@ def wait_for_line(proc: subprocess.Popen, pattern: str, log: list[str], timeout:
 
 
 @pytest.mark.slow
-def test_prometheus_answers_every_dashboard_query_during_a_tiny_run(tmp_path):
+def test_prometheus_answers_every_dashboard_query_during_a_tiny_run_that_listens_on_loopback_only(tmp_path):
+    """A tiny job with two learner ranks (torch.distributed store + gloo), the Ray dashboard and metrics agent,
+    scraped by a real Prometheus: every dashboard query gets a series, and every socket the job's processes listen on
+    (listed while it trains, the job started without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER) is on 127.0.0.1."""
     binary = prometheus_binary()
     if binary is None:
         if os.environ.get("CI"):
@@ -140,12 +145,13 @@ def test_prometheus_answers_every_dashboard_query_during_a_tiny_run(tmp_path):
                                                                                                    expr)]
     widest = max(ranges)
     metrics_port, prom_port = free_port(), free_port()
-    env = job_env(RAY_metrics_report_interval_ms="1000")  # Ray's agent exports every second (default 10 s)
+    # Ray's agent exports every second (default 10 s); learner.main itself keeps a local Ray on loopback
+    env = job_env(RAY_metrics_report_interval_ms="1000", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=None)
     log: list[str] = []
     prom = None
     with start_job("tiny", "iterations=1000", f"metrics.port={metrics_port}", "ray.include_dashboard=true",
                    "eval.every_n_iterations=5", "eval.num_prompts=4", "checkpoint.every_n_iterations=0",
-                   out=tmp_path / "run", env=env) as job:
+                   "learner.num_actors=2", "learner.num_cpus_per_actor=0.25", out=tmp_path / "run", env=env) as job:
         try:
             found = wait_for_line(job, r"metrics: http://127\.0\.0\.1:(\d+)/metrics \(all nodes: (\S+)\)", log, 240)
             assert int(found.group(1)) == metrics_port
@@ -162,6 +168,7 @@ def test_prometheus_answers_every_dashboard_query_during_a_tiny_run(tmp_path):
             # past at least one evaluation; then every query answered once two scrapes fall in its range (a rate
             # needs two), at the latest when the widest range of the dashboard has passed
             wait_for_line(job, r"iter (\d+)/1000 .*\| eval ", log, 300)
+            sockets = listening(job.pid)
             while True:
                 wait_for_line(job, r"iter \d+/1000", log, 120)
                 at = time.time()
@@ -183,6 +190,10 @@ def test_prometheus_answers_every_dashboard_query_during_a_tiny_run(tmp_path):
             assert iteration >= 2 and images >= 64 * (iteration - 1)
             targets = {r["metric"]["instance"] for r in query(prom_port, "up", at)}
             assert f"127.0.0.1:{metrics_port}" in targets
+
+            names = {name for _, _, name in sockets}
+            assert {"gcs_server", "raylet"} <= names and any("LearnerActor" in n for n in names), sorted(names)
+            assert [s for s in sockets if s[0] not in LOOPBACK] == []
         finally:
             if prom is not None:
                 prom.terminate()
