@@ -34,12 +34,21 @@ def job_env(**changes: str | None) -> dict[str, str]:
     return env
 
 
+# What a test job gets unless it sets the key itself: a free metrics port (jobs of two test processes run side by side)
+# and, for cluster/tiny.yaml, one rollout worker (a second only adds start-up to a job of a few iterations on 2 cores).
+TEST_DEFAULTS = ("metrics.port=0",)
+TINY_DEFAULTS = ("rollout.num_actors=1",)
+
+
 def job_args(cfg: str, *overrides: str, out: Path | None = None, resume: str | None = None,
              dry_run: bool = False) -> list[str]:
-    """learner.main's arguments: cluster/<cfg>.yaml (or the path `cfg`), output_dir=`out`, then each override."""
+    """learner.main's arguments: cluster/<cfg>.yaml (or the path `cfg`), the defaults above that no override sets,
+    output_dir=`out`, then each override."""
     path = cfg if cfg.endswith(".yaml") else f"cluster/{cfg}.yaml"
     args = ["--cfg", path]
-    for o in ([f"output_dir={out}"] if out is not None else []) + list(overrides):
+    given = {o.split("=", 1)[0] for o in overrides}
+    defaults = [d for d in TEST_DEFAULTS + (TINY_DEFAULTS if cfg == "tiny" else ()) if d.split("=", 1)[0] not in given]
+    for o in defaults + ([f"output_dir={out}"] if out is not None else []) + list(overrides):
         args += ["--set", o]
     return args + (["--resume", resume] if resume else []) + (["--dry-run"] if dry_run else [])
 

@@ -275,7 +275,7 @@ def case_pools_need_more_cpus_than_local_ray(j):
 @case
 def case_pools_need_more_gpus_than_local_ray(j):
     return (sets("rollout.num_gpus_per_actor=1", "ray.num_gpus=0"),
-            ["the pools need 1 GPUs (rollout 1, rewards 0, learner 0)", "has 0", "ray.num_gpus"])
+            ["the pools need 2 GPUs (rollout 2, rewards 0, learner 0)", "has 0", "ray.num_gpus"])
 
 
 @case

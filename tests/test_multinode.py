@@ -106,14 +106,16 @@ def test_pools_that_cannot_be_placed_are_refused_naming_each_node(cluster, tmp_p
     assert "Traceback" not in r.stderr
 
     # each pool fits the rollout node alone, not together: the learner (reserved first) takes a CPU the rollouts need
-    together = ["learner.resources={rollout_node: 0.1}", "rollout.num_cpus_per_actor=1", "ray.placement_timeout_s=3"]
+    together = ["learner.resources={rollout_node: 0.1}", "rollout.num_actors=2", "rollout.num_cpus_per_actor=1",
+                "ray.placement_timeout_s=3"]
     r = run_job("tiny", *PINNED, *SMALL, *together, out=tmp_path, dry_run=True, expect_rc=2, timeout=300,
                 env=cluster_env(cluster))
     [error] = r.errors
     assert "pool 'rollout': 2 bundle(s) of {CPU 1, rollout_node 0.1} (PACK) were not placed within 3 s" in error
     assert f"node {cluster.nodes['rollout'][:8]} has free: CPU 1.5," in error
 
-    r = run_job("tiny", *PINNED, *SMALL, out=tmp_path, dry_run=True, timeout=300, env=cluster_env(cluster))
+    r = run_job("tiny", *PINNED, *SMALL, "rollout.num_actors=2", out=tmp_path, dry_run=True, timeout=300,
+                env=cluster_env(cluster))
     assert f"learner: 1 x {{CPU 0.5, learner_node 0.1}} (PACK), checked on node {cluster.nodes['learner'][:8]}" \
         in r.stdout
     assert f"rollout: 2 x {{CPU 0.5, rollout_node 0.1}} (PACK), checked on node {cluster.nodes['rollout'][:8]}" \
