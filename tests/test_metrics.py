@@ -166,14 +166,14 @@ def test_prometheus_answers_every_dashboard_query_during_a_tiny_run_that_listens
                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
             started = time.time()
             # past at least one evaluation; then every query answered once two scrapes fall in its range (a rate
-            # needs two), at the latest when the widest range of the dashboard has passed
+            # needs two), at the latest a minute after the widest range of the dashboard has passed
             wait_for_line(job, r"iter (\d+)/1000 .*\| eval ", log, 300)
             sockets = listening(job.pid)
             while True:
                 wait_for_line(job, r"iter \d+/1000", log, 120)
                 at = time.time()
                 empty = [expr for expr in dashboard_exprs() if not query(prom_port, expr, at)]
-                if not empty or at - started > widest + 10:
+                if not empty or at - started > widest + 60:  # a minute more for a loaded machine
                     break
             assert not empty, "dashboard queries without a series:\n" + "\n".join(empty)
 
