@@ -66,18 +66,9 @@ def ray_local():
     ray.shutdown()
 
 
-# The files that take longest (seconds in the suite), run first: the test processes (`-n`, one file each at a time) then
-# end together instead of one of them starting a long file last.
-LONGEST_FIRST = ("test_multinode.py", "test_learning.py", "test_faults.py", "test_job.py", "test_dry_run.py",
-                 "test_async.py")
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A test that starts Ray (through `ray_local`) is a slow one: the fast lane (`-m "not slow"`) starts no Ray. The
-    files of LONGEST_FIRST go first, in that order; the order within a file is kept."""
+    """A test that starts Ray (through `ray_local`) is a slow one: the fast lane (`-m "not slow"`) starts no Ray."""
     unmarked = [item.nodeid for item in items
                 if "ray_local" in getattr(item, "fixturenames", ()) and item.get_closest_marker("slow") is None]
     if unmarked:
         raise pytest.UsageError("tests that start Ray (ray_local) must be marked slow:\n  " + "\n  ".join(unmarked))
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
