@@ -47,6 +47,7 @@ def run(cfg: JobConfig, resume: str, dry_run: bool = False) -> None:
     shut down. `dry_run`: stop after placing every pool and checking its files on its node."""
     import ray
 
+    from cluster.quiet import name_deepspeed_accelerator
     from cluster.runtime import (check_pools_fit, joins_cluster, metrics_endpoint, outputs_of_a_submitted_job,
                                  runs_in_a_copy, start_ray)
     from learner.driver.preflight import preflight
@@ -56,6 +57,7 @@ def run(cfg: JobConfig, resume: str, dry_run: bool = False) -> None:
     say(f"relative paths resolve against {Path.cwd()}{copy}")
     cfg = outputs_of_a_submitted_job(cfg)  # not in Ray's copy, which goes away with the job
     say(f"outputs go to {Path(cfg.output_dir).absolute()}, checkpoints to {checkpoint_root(cfg).absolute()}")
+    name_deepspeed_accelerator()  # before a tiny model is built here: its imports would load DeepSpeed, which warns
     # every check that needs no Ray: a bad input fails here, before anything starts (its lines: what is downloaded)
     for line in preflight(cfg, resume, dry_run):
         say(line)

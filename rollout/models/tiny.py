@@ -379,7 +379,8 @@ def ensure_tiny(family: str, out_dir: Path | str, seed: int = 0) -> Path:
         if not marker.is_file():  # not a concurrent builder that finished first
             raise
         return out_dir
-    print(f"built tiny {family} model (seed {seed}) at {out_dir} in {time.perf_counter() - start:.1f} s", flush=True)
+    print(f"[flowrl] built tiny {family} model (seed {seed}) at {out_dir} in {time.perf_counter() - start:.1f} s",
+          flush=True)
     return out_dir
 
 
