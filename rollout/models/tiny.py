@@ -318,7 +318,12 @@ def build_tiny_pipeline(family: str, *, seed: int = 0) -> DiffusionPipeline:
     """Build a tiny random pipeline in memory, deterministically from `seed`, all modules in eval mode."""
     if family not in MODEL_FAMILIES:
         raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(MODEL_FAMILIES)}")
-    pipe = BUILDERS[family](seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the computed buffers (SD3's sin-cos position table) differ in the last bit by thread count
+    try:
+        pipe = BUILDERS[family](seed)
+    finally:
+        torch.set_num_threads(threads)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()  # built from configs they start in train mode (T5 dropout)
